@@ -1,0 +1,50 @@
+# dynlab: train and analyse dynamical-systems views of neural computation.
+# Every target that runs Python installs the virtual environment first when it is missing or stale.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TASK   ?= waves
+ARGS   ?=
+SEEDS  ?= 0 1 2
+PRESET ?=
+
+# Threads for CPU training; Lightning and torch read these.
+export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
+
+CONFIGS := --config configs/base.yaml --config configs/tasks/$(TASK).yaml $(if $(PRESET),--config configs/presets/$(PRESET).yaml)
+
+.PHONY: help install train test test-full bench lint seeds compare study clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install dynlab with its dev extras (idempotent)
+
+train: $(STAMP)  ## train TASK (waves, hypersindy, raptor, vit) with ARGS="--flag=value ..." and PRESET=smoke|debug|ddp|gpu
+	$(BIN)/dynlab fit $(CONFIGS) $(ARGS)
+
+seeds: $(STAMP)  ## train TASK once per seed in SEEDS and aggregate the test metrics
+	$(BIN)/python -m callbacks.seeds --task $(TASK) --seeds $(SEEDS) -- $(if $(PRESET),--config configs/presets/$(PRESET).yaml) $(ARGS)
+
+test: $(STAMP)  ## fast test tier (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-full: $(STAMP)  ## every tier except gpu when no CUDA is present: slow training runs and DDP on CPU
+	$(BIN)/python -m pytest -q -m "not gpu or gpu"
+
+bench: $(STAMP)  ## speed and memory benchmarks; prints ratios and writes docs/BENCHMARKS.md
+	$(BIN)/python -m benchmarks $(if $(TASK_ONLY),--task $(TASK_ONLY))
+
+lint: $(STAMP)  ## ruff check
+	$(BIN)/ruff check .
+
+clean:  ## remove run folders and cached data (keeps .venv)
+	rm -rf runs data

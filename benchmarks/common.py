@@ -1,0 +1,97 @@
+"""Timing and hardware helpers that every task's benchmark shares.
+
+Each task module in this package defines `run(quick: bool) -> list[BenchRow]`; `python -m benchmarks`
+collects the rows, prints them and writes docs/BENCHMARKS.md. Ratios are always measured side by side in
+one process, so machine noise affects both sides alike.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BenchRow:
+    """One measured figure, with what it is compared against where there is a reference."""
+
+    task: str
+    name: str
+    value: float
+    unit: str
+    reference: str = ""  # the figure this one is compared with, as text (e.g. "6.2 img/s, reference code")
+    goal: str = ""  # the target, as text (e.g. ">= 0.95")
+    note: str = ""
+
+
+def time_call(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5) -> float:
+    """Median wall time of `fn()` in seconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 5
+) -> dict[str, float]:
+    """Median wall time per function, timed in alternation so slow drifts of the machine hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def copy_bandwidth_gbs(n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Measured memory copy bandwidth in GB/s (read + write bytes per second) for a large tensor copy."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    seconds = time_call(lambda: dst.copy_(src), warmup=1, repeats=repeats)
+    del src, dst
+    gc.collect()
+    return 2 * n_bytes / seconds / 1e9
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def hardware_line() -> str:
+    """One line naming the CPU or GPU, the thread count and the torch version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {device}, "
+        f"torch {torch.__version__}"
+    )

@@ -1,0 +1,307 @@
+"""The `dynlab` command: LightningCLI with one run folder per run, wandb logging and a final summary.
+
+    dynlab fit --config configs/base.yaml --config configs/tasks/waves.yaml --model.init_args.readout=fft
+
+Each run writes `runs/<task>/<run_name>/` with the resolved `config.yaml`, `checkpoints/` (last and best),
+`figures/`, `metrics.json` and the wandb run. `--ckpt_path=last` without `--run_name` resumes the newest
+run of the task that has a `last.ckpt`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from callbacks.checkpoint import SafeModelCheckpoint, check_checkpoint_file
+from callbacks.rng import RNGStateCallback
+
+log = logging.getLogger("dynlab")
+
+# Values the data decides and the model needs: DataModule attribute -> model argument. A link applies only
+# where both sides exist, so each task picks up the pairs that concern it.
+DATA_TO_MODEL_LINKS = {
+    "num_classes": "num_classes",
+    "in_channels": "in_channels",
+    "image_size": "image_size",
+    "state_dim": "state_dim",
+    "variable_names": "variable_names",
+    "dt": "dt",
+}
+
+RUN_NAME_ENV = "DYNLAB_RUN_NAME"
+WandbMode = Literal["auto", "online", "offline", "disabled"]
+
+
+def wandb_has_credentials() -> bool:
+    """Tell whether wandb could log live: an API key in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """Map `auto` to online or offline; `$WANDB_MODE` wins over `auto` so tests can disable wandb."""
+    valid = ("auto", "online", "offline", "disabled")
+    if mode not in valid:
+        raise ValueError(f"wandb_mode={mode!r} is invalid: choose one of {', '.join(valid)}.")
+    if mode != "auto":
+        return mode
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode in ("online", "offline", "disabled"):
+        return env_mode
+    if env_mode == "dryrun":
+        return "offline"
+    return "online" if wandb_has_credentials() else "offline"
+
+
+def infer_task(model_class_path: str | None) -> str:
+    """Name the task after the model's subpackage (`lightning_modules.waves.module.X` -> `waves`)."""
+    parts = (model_class_path or "").split(".")
+    if len(parts) >= 2 and parts[0] == "lightning_modules":
+        return parts[1]
+    return parts[-1].lower() if parts and parts[-1] else "default"
+
+
+def latest_resumable_run(task_dir: Path) -> Path | None:
+    """Return the newest run folder under `task_dir` that holds `checkpoints/last.ckpt`."""
+    candidates = [p.parent.parent for p in task_dir.glob("*/checkpoints/last.ckpt")]
+    return max(candidates, key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime, default=None)
+
+
+def flatten_metrics(results: list[dict[str, float]] | None) -> dict[str, float]:
+    """Merge the per-dataloader dicts that `trainer.validate` and `trainer.test` return."""
+    merged: dict[str, float] = {}
+    for entry in results or []:
+        for key, value in entry.items():
+            merged[key] = float(value)
+    return merged
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class DynlabCLI(LightningCLI):
+    """LightningCLI in subclass mode for models and data, with run folders and a metrics summary."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any):
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+"})
+        super().__init__(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ parser
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--task", type=str | None, default=None, help="Task name; picks runs/<task>/.")
+        parser.add_argument(
+            "--run_name", type=str | None, default=None,
+            help="Name of the run folder under runs/<task>/ (default: a time stamp). Reuse it to resume.",
+        )
+        parser.add_argument("--runs_root", type=str, default="runs", help="Folder that holds runs/<task>/.")
+        parser.add_argument(
+            "--wandb_mode", type=WandbMode, default="auto",
+            help="auto: online with an API key, else an offline run to upload later with `wandb sync`.",
+        )
+        parser.add_argument("--wandb_project", type=str, default="dynlab", help="wandb project name.")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=True,
+            help="After fit, validate and test the best checkpoint and write metrics.json.",
+        )
+
+        # Checkpointing is always on: last for resume, best by the task's monitored metric.
+        parser.add_lightning_class_args(SafeModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best-epoch{epoch:03d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(RNGStateCallback, "rng_state")
+
+        for source, target in DATA_TO_MODEL_LINKS.items():
+            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+
+    # --------------------------------------------------------------- run folder
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model_path = config.model.class_path if config.get("model") else None
+        task = config.task or infer_task(model_path)
+        config.task = task
+        task_dir = Path(config.runs_root) / task
+
+        ckpt_path = config.get("ckpt_path")
+        run_name = config.run_name or os.environ.get(RUN_NAME_ENV)
+        if ckpt_path == "last":
+            if run_name is None:
+                previous = latest_resumable_run(task_dir)
+                if previous is None:
+                    raise FileNotFoundError(
+                        f"--ckpt_path=last found no run of task {task!r} with checkpoints/last.ckpt under "
+                        f"{task_dir}: start a new run without --ckpt_path, or pass --run_name of the run."
+                    )
+                run_name = previous.name
+            config.ckpt_path = str(task_dir / run_name / "checkpoints" / "last.ckpt")
+        elif ckpt_path not in (None, "best") and run_name is None:
+            # Evaluating a checkpoint of a run writes its figures and metrics into that run's folder.
+            ckpt_file = Path(ckpt_path)
+            if ckpt_file.parent.name == "checkpoints":
+                run_name = ckpt_file.parent.parent.name
+                task_dir = ckpt_file.parent.parent.parent
+        if ckpt_path not in (None, "best"):
+            check_checkpoint_file(Path(config.ckpt_path))
+
+        if run_name is None:
+            run_name = time.strftime("%Y%m%d-%H%M%S")
+            while (task_dir / run_name).exists():
+                run_name = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+        if not re.fullmatch(r"[\w.\-]+", run_name):
+            raise ValueError(f"run_name={run_name!r} is invalid: use letters, digits, '.', '_' and '-' only.")
+        os.environ[RUN_NAME_ENV] = run_name  # DDP workers re-run this command and must pick the same folder
+        config.run_name = run_name
+
+        run_dir = task_dir / run_name
+        self.run_dir = run_dir
+        try:
+            (run_dir / "figures").mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise PermissionError(
+                f"cannot create the run folder {run_dir}: {error.strerror}. Pass --runs_root=<writable folder>."
+            ) from error
+        if not os.access(run_dir, os.W_OK):
+            raise PermissionError(f"run folder {run_dir} is not writable: pass --runs_root=<writable folder>.")
+
+        config.trainer.default_root_dir = str(run_dir)
+        config.checkpoint.dirpath = str(run_dir / "checkpoints")
+        self.wandb_mode = resolve_wandb_mode(config.wandb_mode)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("logger") in (None, True):
+            kwargs["logger"] = self.make_logger(config)
+        return super().instantiate_trainer(**kwargs)
+
+    def make_logger(self, config) -> WandbLogger:
+        run_id = re.sub(r"[^\w\-]", "-", f"{config.task}-{config.run_name}")
+        return WandbLogger(
+            name=config.run_name,
+            save_dir=str(self.run_dir),
+            project=config.wandb_project,
+            id=run_id,
+            mode=self.wandb_mode,
+            group=config.task,
+            job_type=self.subcommand or "run",
+        )
+
+    # ------------------------------------------------------------ after stages
+    def after_fit(self) -> None:
+        config = self.config[self.subcommand]
+        if self.trainer.interrupted:
+            log.warning("training was interrupted; resume with --ckpt_path=last --run_name=%s", config.run_name)
+            return
+        if not config.test_after_fit:
+            return
+        best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        ckpt = best if best and Path(best).is_file() else None
+        results = {"best_checkpoint": ckpt or "(final weights)"}
+        results["validate"] = flatten_metrics(self.trainer.validate(self.model, self.datamodule, ckpt_path=ckpt))
+        results["test"] = flatten_metrics(self.trainer.test(self.model, self.datamodule, ckpt_path=ckpt))
+        self.finish(results)
+
+    def after_validate(self) -> None:
+        self.finish({"validate": flatten_metrics([dict(self.trainer.callback_metrics)])})
+
+    def after_test(self) -> None:
+        self.finish({"test": flatten_metrics([dict(self.trainer.callback_metrics)])})
+
+    def finish(self, results: dict[str, Any]) -> None:
+        """Write metrics.json (merged with what an earlier stage wrote) and print the summary."""
+        if not self.trainer.is_global_zero:
+            return
+        results.update(self.model_summary_metrics())
+        path = self.run_dir / "metrics.json"
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        previous.update(results)
+        write_json_atomic(path, previous)
+        print_summary(previous, self.run_dir)
+
+    def model_summary_metrics(self) -> dict[str, Any]:
+        """Extra task numbers a model reports at the end (for example Raptor's probe ratio)."""
+        report = getattr(self.model, "final_report", None)
+        return {"report": report()} if callable(report) else {}
+
+
+@rank_zero_only
+def print_summary(results: dict[str, Any], run_dir: Path) -> None:
+    """Print the final metrics as a table, then the run folder as the last line."""
+    stages = [s for s in ("validate", "test") if isinstance(results.get(s), dict)]
+    keys = sorted({k.split("/", 1)[-1] for s in stages for k in results[s]})
+    width = max([len(k) for k in keys] + [10])
+    lines = ["", f"{'metric':<{width}}  " + "  ".join(f"{s:>10}" for s in stages)]
+    for key in keys:
+        cells = []
+        for stage in stages:
+            value = next((v for k, v in results[stage].items() if k.split("/", 1)[-1] == key), None)
+            cells.append(f"{value:>10.4f}" if isinstance(value, float) and math.isfinite(value) else f"{'-':>10}")
+        lines.append(f"{key:<{width}}  " + "  ".join(cells))
+    report = results.get("report")
+    if isinstance(report, dict):
+        lines.append("")
+        for key, value in report.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"{key:<{width}}  {shown}")
+    if "best_checkpoint" in results:
+        lines.append(f"best checkpoint: {results['best_checkpoint']}")
+    lines.append(f"metrics: {run_dir / 'metrics.json'}")
+    lines.append(str(run_dir))
+    print("\n".join(lines), flush=True)
+
+
+def finish_wandb() -> None:
+    """Close the wandb run so the next run in this process (a sweep, a test) starts a fresh one."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def main(args: list[str] | None = None) -> DynlabCLI:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_float32_matmul_precision("high")
+    try:
+        return DynlabCLI(args=args)
+    finally:
+        finish_wandb()
+
+
+if __name__ == "__main__":
+    main()

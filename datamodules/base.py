@@ -1,0 +1,77 @@
+"""Pieces every DataModule shares: the data folder, epoch-seeded shuffling and loader settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """Return the data folder: the argument, else $DYNLAB_DATA, else ./data."""
+    if data_dir is None:
+        data_dir = os.environ.get("DYNLAB_DATA", "data")
+    return Path(data_dir).expanduser()
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Random permutation drawn from (seed, epoch) alone, so a resumed run replays the same order.
+
+    Lightning calls `set_epoch` on any sampler that has it (and wraps this one for DDP), so the order
+    depends neither on the global RNG nor on how many epochs ran in this process.
+    """
+
+    def __init__(self, data_source_len: int, seed: int = 0):
+        self.length = data_source_len
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def check_batch_size(batch_size: int, n_samples: int, split: str, drop_last: bool) -> None:
+    """Raise when a split is too small for one batch and drop_last would leave it empty."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is invalid: use a positive integer.")
+    if drop_last and n_samples < batch_size:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the {split} split ({n_samples} samples), so drop_last "
+            f"would leave no batch: lower data.init_args.batch_size to at most {n_samples}."
+        )
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    split: str = "train",
+) -> DataLoader:
+    """Build a DataLoader whose shuffle order is reproducible across resumes."""
+    check_batch_size(batch_size, len(dataset), split, drop_last)
+    sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
