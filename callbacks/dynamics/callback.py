@@ -105,6 +105,9 @@ class DynamicsAnalysis(Callback):
         self.last_results: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.check_model(pl_module)
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.run(trainer, pl_module)
         self.ran_after_fit = True
@@ -119,11 +122,7 @@ class DynamicsAnalysis(Callback):
     # ------------------------------------------------------------------ main
     def run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Collect the probe trajectories on every rank, gather them, and measure and write on rank 0."""
-        if not callable(getattr(pl_module, "trajectory", None)):
-            raise TypeError(
-                f"DynamicsAnalysis needs a model with a `trajectory(batch)` method; {type(pl_module).__name__} "
-                "has none: remove the callback or implement the method (see lightning_modules/trajectory.py)."
-            )
+        self.check_model(pl_module)
         started = time.perf_counter()
         dataset, collate = self.validation_data(trainer)
         probe = self.probe_indices(len(dataset))
@@ -151,6 +150,14 @@ class DynamicsAnalysis(Callback):
         if trainer.is_global_zero:
             log.info("dynamics analysis of %d probe samples took %.2f s; outputs in %s",
                      len(probe), self.last_duration_s, self.folder(trainer))
+
+    @staticmethod
+    def check_model(pl_module: LightningModule) -> None:
+        if not callable(getattr(pl_module, "trajectory", None)):
+            raise TypeError(
+                f"DynamicsAnalysis needs a model with a `trajectory(batch)` method; {type(pl_module).__name__} "
+                "has none: remove the callback or implement the method (see lightning_modules/trajectory.py)."
+            )
 
     def validation_data(self, trainer: Trainer):
         """Return the first validation dataset and its collate function."""
