@@ -1,0 +1,163 @@
+"""The wave cell: a 2-D grid of damped nonlinear oscillators coupled by one circular 3x3 convolution.
+
+For t = 0 .. T-1 the state advances by semi-implicit (symplectic) Euler, velocity first:
+
+    z_{t+1} = z_t + dt * (tanh(W * y_t) - omega * y_t - alpha * z_t)
+    y_{t+1} = y_t + dt * z_{t+1}
+
+with W a C -> C 3x3 convolution with circular padding and no bias, initialised to the discrete Laplacian on
+each diagonal kernel, and z_0 = 0. The rollout records y_1 .. y_T.
+
+`WaveRollout` is an `autograd.Function` with a hand-written backward pass. The forward writes each new y
+straight into one preallocated time-major buffer (T, B, C, H, W) and keeps only every `chunk`-th velocity
+z. The backward runs the adjoint recurrence in reverse and recomputes the velocities of one chunk at a
+time from the stored positions, so the memory kept for the backward is the position history (which the
+readout needs anyway) plus T / chunk velocity snapshots, instead of the five or six state-sized tensors
+per step that autograd would keep. The weight gradient of the coupling is computed once per chunk with a
+single batched convolution.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def circular_conv3x3(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Apply a 3x3 convolution with circular padding and no bias to (N, C, H, W)."""
+    return F.conv2d(F.pad(state, (1, 1, 1, 1), mode="circular"), weight)
+
+
+def circular_conv3x3_transpose(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Adjoint of `circular_conv3x3` with respect to its input."""
+    return circular_conv3x3(grad, weight.transpose(0, 1).flip(2, 3))
+
+
+def laplacian_kernel(channels: int) -> torch.Tensor:
+    """Coupling weights (C, C, 3, 3): the 5-point Laplacian on each diagonal kernel, zeros elsewhere."""
+    weight = torch.zeros(channels, channels, 3, 3)
+    stencil = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+    for channel in range(channels):
+        weight[channel, channel] = stencil
+    return weight
+
+
+class WaveRollout(torch.autograd.Function):
+    """T symplectic Euler steps of the wave cell; returns the positions y_1..y_T as (T, B, C, H, W)."""
+
+    @staticmethod
+    def forward(ctx, y0, omega, alpha, weight, steps: int, dt: float, chunk: int):
+        y0, omega, alpha, weight = (t.float().contiguous() for t in (y0, omega, alpha, weight))
+        positions = y0.new_empty((steps, *y0.shape))
+        damping = 1.0 - dt * alpha  # z is scaled by (1 - dt * alpha) every step
+        stiffness = dt * omega
+        velocity = torch.zeros_like(y0)
+        snapshots = []
+        position = y0
+        for step in range(steps):
+            if step % chunk == 0:
+                snapshots.append(velocity.clone())
+            force = circular_conv3x3(position, weight).tanh_()
+            velocity.mul_(damping).add_(force, alpha=dt).addcmul_(stiffness, position, value=-1.0)
+            torch.add(position, velocity, alpha=dt, out=positions[step])
+            position = positions[step]
+        ctx.save_for_backward(y0, omega, alpha, weight, positions, torch.stack(snapshots))
+        ctx.steps, ctx.dt, ctx.chunk = steps, dt, chunk
+        return positions
+
+    @staticmethod
+    def backward(ctx, grad_positions):
+        y0, omega, alpha, weight, positions, snapshots = ctx.saved_tensors
+        steps, dt, chunk = ctx.steps, ctx.dt, ctx.chunk
+        grad_positions = grad_positions.float()
+        damping = 1.0 - dt * alpha
+        stiffness = dt * omega
+        transposed = weight.transpose(0, 1).flip(2, 3).contiguous()
+
+        grad_y = torch.zeros_like(y0)  # dL/dy_{t+1}, everything that flows back from later steps
+        grad_z = torch.zeros_like(y0)  # dL/dz_{t+1} from later steps
+        grad_omega = torch.zeros_like(omega)
+        grad_alpha = torch.zeros_like(alpha)
+        grad_weight = torch.zeros_like(weight)
+
+        def position_at(t: int) -> torch.Tensor:
+            return y0 if t == 0 else positions[t - 1]
+
+        n_chunks = math.ceil(steps / chunk)
+        for index in reversed(range(n_chunks)):
+            start, stop = index * chunk, min((index + 1) * chunk, steps)
+            # Recompute z_start .. z_{stop-1} and the coupling forces of this chunk from the stored positions.
+            chunk_positions = torch.stack([position_at(t) for t in range(start, stop)])
+            flat = chunk_positions.flatten(0, 1)
+            forces = circular_conv3x3(flat, weight).tanh_().view_as(chunk_positions)
+            velocities = [snapshots[index]]
+            for offset in range(stop - start - 1):
+                velocity = velocities[-1] * damping
+                velocity.add_(forces[offset], alpha=dt).addcmul_(stiffness, chunk_positions[offset], value=-1.0)
+                velocities.append(velocity)
+
+            pre_activation_grads = torch.empty_like(chunk_positions)
+            for offset in reversed(range(stop - start)):
+                t = start + offset
+                grad_y.add_(grad_positions[t])
+                grad_z_total = grad_z.add_(grad_y, alpha=dt)  # y_{t+1} = y_t + dt z_{t+1}
+                grad_omega.addcmul_(chunk_positions[offset], grad_z_total, value=-dt)
+                grad_alpha.addcmul_(velocities[offset], grad_z_total, value=-dt)
+                force = forces[offset]
+                grad_pre = pre_activation_grads[offset]
+                torch.mul(force, force, out=grad_pre)
+                grad_pre.sub_(1.0).mul_(grad_z_total).mul_(-dt)  # dt * gz * (1 - tanh^2)
+                grad_y.addcmul_(stiffness, grad_z_total, value=-1.0)
+                grad_y.add_(circular_conv3x3(grad_pre, transposed))
+                grad_z = grad_z_total.mul_(damping)
+
+            grad_weight += torch.nn.grad.conv2d_weight(
+                F.pad(flat, (1, 1, 1, 1), mode="circular"),
+                weight.shape,
+                pre_activation_grads.flatten(0, 1),
+            )
+        return grad_y, grad_omega, grad_alpha, grad_weight, None, None, None
+
+
+def reference_rollout(y0, omega, alpha, weight, steps: int, dt: float) -> torch.Tensor:
+    """Plain step-by-step rollout through autograd; returns (B, T, C, H, W). Used to check `WaveRollout`."""
+    y, z = y0, torch.zeros_like(y0)
+    history = []
+    for _ in range(steps):
+        z = z + dt * (torch.tanh(circular_conv3x3(y, weight)) - omega * y - alpha * z)
+        y = y + dt * z
+        history.append(y)
+    return torch.stack(history, dim=1)
+
+
+class WaveCell(nn.Module):
+    """The learnable coupling W and the rollout; `forward` returns time-major positions (T, B, C, H, W).
+
+    Args:
+        channels: hidden channels C of the oscillator grid.
+        steps: number of Euler steps T.
+        dt: time step.
+        chunk: steps per recomputation chunk in the backward pass (memory vs. recomputation).
+    """
+
+    def __init__(self, channels: int, steps: int, dt: float = 0.1, chunk: int = 10):
+        super().__init__()
+        if steps < 1:
+            raise ValueError(f"steps={steps} is invalid: the rollout needs at least one step.")
+        self.channels, self.steps, self.dt, self.chunk = channels, steps, float(dt), max(1, int(chunk))
+        self.coupling = nn.Parameter(laplacian_kernel(channels))
+
+    def forward(self, y0: torch.Tensor, omega: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        device_type = y0.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return WaveRollout.apply(
+                y0.float(), omega.float(), alpha.float(), self.coupling.float(), self.steps, self.dt, self.chunk
+            )
+
+    def step(self, y: torch.Tensor, z: torch.Tensor, omega: torch.Tensor, alpha: torch.Tensor):
+        """One Euler step through autograd, for rollouts that start from an arbitrary state."""
+        z = z + self.dt * (torch.tanh(circular_conv3x3(y, self.coupling)) - omega * y - alpha * z)
+        return y + self.dt * z, z
