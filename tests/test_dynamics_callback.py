@@ -47,7 +47,11 @@ class ToyTokenData(LightningDataModule):
 
 
 class ToyTokenModel(LightningModule):
-    """A cls token and patch tokens updated by `depth` residual tanh layers, with a linear head on cls."""
+    """A cls token and patch tokens updated by `depth` residual tanh layers, with a linear head on cls.
+
+    Every layer also adds a per-sample drive computed from the input, so a rollout is valid only for the
+    samples of the batch it came from, as in the wave network.
+    """
 
     def __init__(self, num_classes: int = 3, dim: int = 8, n_tokens: int = 5, depth: int = 6, lr: float = 1e-2):
         super().__init__()
@@ -56,14 +60,14 @@ class ToyTokenModel(LightningModule):
         self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
         self.head = nn.Linear(dim, num_classes)
 
-    def step(self, state: torch.Tensor, layer: int) -> torch.Tensor:
+    def step(self, state: torch.Tensor, layer: int, drive: torch.Tensor) -> torch.Tensor:
         mixed = state + state.mean(dim=1, keepdim=True)
-        return state + 0.5 * torch.tanh(self.layers[layer](mixed))
+        return state + 0.5 * torch.tanh(self.layers[layer](mixed)) + drive
 
-    def rollout(self, state: torch.Tensor, start: int) -> torch.Tensor:
+    def run_layers(self, state: torch.Tensor, start: int, drive: torch.Tensor) -> torch.Tensor:
         states = [state]
         for layer in range(start, self.hparams.depth):
-            states.append(self.step(states[-1], layer))
+            states.append(self.step(states[-1], layer, drive))
         return torch.stack(states, dim=1)
 
     def classify(self, final: torch.Tensor) -> torch.Tensor:
@@ -72,11 +76,16 @@ class ToyTokenModel(LightningModule):
     def trajectory(self, batch) -> Trajectory:
         inputs, labels = batch
         start = self.embed(inputs).view(inputs.shape[0], self.hparams.n_tokens, self.hparams.dim)
+        drive = 0.2 * start.detach()
+
+        def rollout(state: torch.Tensor, layer: int) -> torch.Tensor:
+            return self.run_layers(state, layer, drive)
+
         return Trajectory(
-            states=self.rollout(start, 0),
+            states=rollout(start, 0),
             token_groups={"cls": torch.tensor([0]), "patch": torch.arange(1, self.hparams.n_tokens)},
             labels=labels,
-            rollout=self.rollout,
+            rollout=rollout,
             classify=self.classify,
         )
 
@@ -165,6 +174,19 @@ def test_numbers_match_direct_measures(tmp_path):
     expected = measures.directional_convergence(trajectory.states, trajectory.token_groups)
     written = json.loads((tmp_path / "figures" / "dynamics" / "convergence.json").read_text())
     torch.testing.assert_close(torch.tensor(written["patch"]), expected["patch"], atol=1e-6, rtol=0)
+
+
+def test_zero_noise_rollout_uses_each_batch(tmp_path):
+    # The probe spans three batches whose rollouts hold their own drive: with alpha = 0 every perturbed
+    # path must reproduce the clean one exactly.
+    callback = small_callback(measures=("perturbation",), perturb_alphas=(0.0,), perturb_depths=[1, 4])
+    fit_toy(tmp_path, callback)
+    records = json.loads((tmp_path / "figures" / "dynamics" / "perturbation.json").read_text())["records"]
+    assert [r["depth"] for r in records] == [1, 4]
+    for record in records:
+        assert record["agreement"] == 1.0
+        for group in ("cls", "patch"):
+            assert max(record["groups"][group]["curve"]) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_validate_on_same_trainer_after_fit_is_skipped(tmp_path):
@@ -264,11 +286,11 @@ def test_cli_append_flags_then_validate_checkpoint(tmp_path, monkeypatch):
 class RecordingAnalysis(DynamicsAnalysis):
     """Appends the rank of every process that writes outputs to <root>/writers.txt."""
 
-    def measure_and_write(self, trainer, trajectory, source):
+    def measure_and_write(self, trainer, trajectory, perturbation, source):
         Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(trainer.default_root_dir) / "writers.txt", "a") as log_file:
             log_file.write(f"{trainer.global_rank}\n")
-        return super().measure_and_write(trainer, trajectory, source)
+        return super().measure_and_write(trainer, trajectory, perturbation, source)
 
 
 @pytest.mark.slow

@@ -133,10 +133,10 @@ class DynamicsAnalysis(Callback):
         try:
             with torch.no_grad():
                 for source in self.sources or [None]:
-                    trajectory = self.collect(trainer, pl_module, dataset, collate, probe, source)
-                    if trainer.is_global_zero:
+                    collected = self.collect(trainer, pl_module, dataset, collate, probe, source)
+                    if collected is not None:
                         name = source or ""
-                        per_source[name], boundaries[name] = self.measure_and_write(trainer, trajectory, name)
+                        per_source[name], boundaries[name] = self.measure_and_write(trainer, *collected, name)
             if trainer.is_global_zero and len(per_source) > 1:
                 group = "cls" if any("cls" in r.get("convergence", {}) for r in per_source.values()) else None
                 group = group or next(iter(next(iter(per_source.values())).get("convergence", {"all": 0})))
@@ -189,61 +189,90 @@ class DynamicsAnalysis(Callback):
 
     def collect(
         self, trainer: Trainer, pl_module: LightningModule, dataset, collate, probe: list[int], source: str | None
-    ) -> Trajectory | None:
+    ) -> tuple[Trajectory, dict[str, Any] | None] | None:
         """Compute this rank's share of the probe trajectories, gather all shares, and return the whole on rank 0.
 
         Rank r takes probe positions r, r + W, ...; shares are padded to equal length by repeating a
-        position so `all_gather` sees equal shapes, and rank 0 puts the samples back in probe order.
+        position so `all_gather` sees equal shapes, and rank 0 puts the samples back in probe order. The
+        perturbation test runs here, batch by batch, because a model's rollout may hold per-sample inputs
+        of the batch it came from; its per-sample distances are gathered like the states. Returns
+        (trajectory, perturbation) on rank 0, where perturbation holds the per-sample distances, and
+        None on the other ranks.
         """
         world, rank = trainer.world_size, trainer.global_rank
         share = probe[rank::world]
         share_length = math.ceil(len(probe) / world)
         share = share + [share[0]] * (share_length - len(share))
+        want_perturbation = "perturbation" in self.measures
 
-        pieces, labels, template = [], [], None
+        pieces, labels, distances, agreements, template, depths = [], [], [], [], None, None
         for begin in range(0, len(share), self.batch_size):
-            batch = collate([dataset[i] for i in share[begin : begin + self.batch_size]])
-            batch = trainer.strategy.batch_to_device(batch)
+            ids = share[begin : begin + self.batch_size]
+            batch = trainer.strategy.batch_to_device(collate([dataset[i] for i in ids]))
             trajectory = pl_module.trajectory(batch) if source is None else pl_module.trajectory(batch, source=source)
             template = template or trajectory
-            pieces.append(trajectory.states.detach().float())
+            states = trajectory.states.detach().float()
+            pieces.append(states)
             if trajectory.labels is not None:
-                labels.append(trajectory.labels.detach().long())
-        states = torch.cat(pieces)
-        label_tensor = torch.cat(labels) if labels else None
-        positions = torch.tensor(share, device=states.device)
+                labels.append(trajectory.labels.detach().long().to(states.device))
+            if want_perturbation and trajectory.rollout is not None and trajectory.num_steps > 1:
+                if depths is None:
+                    depths = self.perturb_depths or measures.default_perturbation_depths(trajectory.num_steps)
+                distance, agreement = measures.perturbation_distances(
+                    states, trajectory.rollout, self.groups(trajectory), depths, self.perturb_alphas,
+                    list(range(self.perturb_seeds)), classify=trajectory.classify, sample_ids=ids,
+                )
+                distances.append(distance.to(states.device))
+                agreements.append(agreement.to(states.device))
 
+        gathered = {"states": torch.cat(pieces), "positions": torch.tensor(share, device=pieces[0].device)}
+        if labels:
+            gathered["labels"] = torch.cat(labels)
+        if distances:
+            gathered["distance"] = torch.cat(distances)
+            gathered["agreement"] = torch.cat(agreements)
         if world > 1:
-            states = trainer.strategy.all_gather(states).flatten(0, 1)
-            positions = trainer.strategy.all_gather(positions).flatten(0, 1)
-            if label_tensor is not None:
-                label_tensor = trainer.strategy.all_gather(label_tensor).flatten(0, 1)
+            gathered = {key: trainer.strategy.all_gather(value).flatten(0, 1) for key, value in gathered.items()}
         if not trainer.is_global_zero:
             return None
-        first = {}
-        for row, position in enumerate(positions.tolist()):
+
+        first: dict[int, int] = {}
+        for row, position in enumerate(gathered["positions"].tolist()):
             first.setdefault(position, row)
-        order = torch.tensor([first[p] for p in sorted(first)], device=states.device)
-        return Trajectory(
-            states=states.index_select(0, order),
+        order = torch.tensor([first[p] for p in sorted(first)], device=gathered["states"].device)
+        ordered = {key: value.index_select(0, order) for key, value in gathered.items()}
+        trajectory = Trajectory(
+            states=ordered["states"],
             token_groups=template.token_groups,
-            labels=label_tensor.index_select(0, order) if label_tensor is not None else None,
+            labels=ordered.get("labels"),
             boundaries=list(template.boundaries),
             rollout=template.rollout,
             classify=template.classify,
         )
+        perturbation = None
+        if "distance" in ordered:
+            perturbation = {"distance": ordered["distance"].cpu(), "agreement": ordered["agreement"].cpu(),
+                            "depths": list(depths)}
+        return trajectory, perturbation
+
+    @staticmethod
+    def groups(trajectory: Trajectory) -> dict[str, torch.Tensor]:
+        """Token groups as flat index tensors, empty groups left out."""
+        return {name: index.reshape(-1).long() for name, index in trajectory.token_groups.items() if index.numel() > 0}
 
     # ------------------------------------------------------------------ outputs
     def folder(self, trainer: Trainer, source: str = "") -> Path:
         folder = Path(trainer.default_root_dir) / "figures" / self.output_dir
         return folder / source if source else folder
 
-    def measure_and_write(self, trainer: Trainer, trajectory: Trajectory, source: str) -> tuple[dict, list[int]]:
+    def measure_and_write(
+        self, trainer: Trainer, trajectory: Trajectory, perturbation: dict[str, Any] | None, source: str
+    ) -> tuple[dict, list[int]]:
         """Run the measures on the gathered trajectory; write a PNG and a JSON per measure and summary.json."""
         folder = self.folder(trainer, source)
         folder.mkdir(parents=True, exist_ok=True)
         title = f"{source} " if source else ""
-        groups = {name: index.reshape(-1).long() for name, index in trajectory.token_groups.items()}
+        groups = self.groups(trajectory)
         num_steps = trajectory.num_steps
 
         boundaries = [int(b) for b in trajectory.boundaries]
@@ -269,16 +298,18 @@ class DynamicsAnalysis(Callback):
         results.update(
             measures.analyse(
                 trajectory,
-                [m for m in self.measures if m != "similarity"],
-                perturb_depths=self.perturb_depths,
-                perturb_alphas=self.perturb_alphas,
-                perturb_seeds=self.perturb_seeds,
+                [m for m in self.measures if m not in ("similarity", "perturbation")],
                 rank_pool_size=self.rank_pool_size,
                 tangential_rank=self.tangential_rank,
                 coherence_group=self.coherence_group,
-                batch_size=self.batch_size,
             )
         )
+        if perturbation is not None:
+            records = measures.perturbation_records(
+                perturbation["distance"], perturbation["agreement"], perturbation["depths"], self.perturb_alphas,
+                list(groups),
+            )
+            results["perturbation"] = {"records": records, "num_steps": num_steps}
 
         for name, numbers in results.items():
             path = self.plot(name, numbers, boundaries, folder, title, list(groups))

@@ -237,10 +237,89 @@ def default_perturbation_depths(num_steps: int) -> list[int]:
     return depths
 
 
-def perturb(state: torch.Tensor, alpha: float, generator: torch.Generator) -> torch.Tensor:
-    """Return x + alpha |x| g / |g| per token, with g ~ N(0, I_D) drawn on the CPU from `generator`."""
-    noise = torch.randn(state.shape, generator=generator, dtype=torch.float32).to(state.device, state.dtype)
-    return state + alpha * state.norm(dim=-1, keepdim=True) * unit(noise)
+def noise_seed(seed: int, depth: int, alpha: float, sample_id: int) -> int:
+    """Seed of the noise drawn for one sample, so the draw does not depend on how the probe is batched."""
+    return ((int(seed) * 1_000_003 + int(depth)) * 1_000_033 + int(round(alpha * 1e6))) * 1_000_037 + int(sample_id)
+
+
+def perturbation_distances(
+    states: torch.Tensor,
+    rollout: Callable[[torch.Tensor, int], torch.Tensor],
+    token_groups: dict[str, torch.Tensor],
+    depths: Sequence[int],
+    alphas: Sequence[float] = (0.01, 0.05, 0.1),
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    classify: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sample_ids: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample angles to the clean path after injecting noise at depth l0 and continuing the rollout.
+
+    Each token's state at l0 becomes x + alpha |x| g / |g| with g ~ N(0, I_D), drawn from a generator
+    seeded by (seed, l0, alpha, sample id). `rollout` continues exactly the samples of `states`, in
+    order, because some models (the wave network) keep per-sample inputs in the rollout.
+    Returns distance (B, depths, alphas, seeds, groups, S + 1), the group-mean angle D_m at steps
+    m >= l0 and nan before l0, and agreement (B, depths, alphas, seeds): 1 where the class predicted by
+    `classify` after the perturbed run equals the clean run's, nan without `classify`.
+    """
+    n_samples, num_steps = states.shape[0], states.shape[1] - 1
+    for depth in depths:
+        if not 0 <= depth < num_steps:
+            raise ValueError(f"perturbation depth {depth} is invalid: use steps in 0..{num_steps - 1}.")
+    ids = list(sample_ids) if sample_ids is not None else list(range(n_samples))
+    groups = [index.to(states.device) for index in token_groups.values()]
+    shape = (n_samples, len(depths), len(alphas), len(seeds))
+    distance = torch.full((*shape, len(groups), num_steps + 1), math.nan, dtype=torch.float64)
+    agreement = torch.full(shape, math.nan, dtype=torch.float64)
+    clean_labels = classify(states[:, -1]).argmax(-1) if classify is not None else None
+
+    for d, depth in enumerate(depths):
+        clean = states[:, depth:]
+        for a, alpha in enumerate(alphas):
+            for s, seed in enumerate(seeds):
+                noise = torch.stack([
+                    torch.randn(states.shape[2:], generator=torch.Generator().manual_seed(noise_seed(seed, depth, alpha, i)))
+                    for i in ids
+                ]).to(states.device, states.dtype)
+                start = states[:, depth] + alpha * states[:, depth].norm(dim=-1, keepdim=True) * unit(noise)
+                perturbed = rollout(start, depth)
+                angles = angle(perturbed, clean)  # (B, S - depth + 1, N)
+                for g, index in enumerate(groups):
+                    distance[:, d, a, s, g, depth:] = angles.index_select(-1, index).mean(-1).double().cpu()
+                if classify is not None:
+                    same = classify(perturbed[:, -1]).argmax(-1) == clean_labels
+                    agreement[:, d, a, s] = same.double().cpu()
+    return distance, agreement
+
+
+def perturbation_records(
+    distance: torch.Tensor, agreement: torch.Tensor, depths: Sequence[int], alphas: Sequence[float],
+    group_names: Sequence[str],
+) -> list[dict]:
+    """Summarise per-sample perturbation distances into one record per (l0, alpha).
+
+    Per token group: `curve` = D_m for m = l0..S averaged over samples and seeds, `curve_std` its
+    seed-to-seed std, `contraction` = D_S / D_l0 averaged over seeds (nan when D_l0 = 0); `agreement`
+    = fraction of samples and seeds whose predicted class matches the clean run, when there is a classifier.
+    """
+    per_seed = distance.mean(0)  # (depths, alphas, seeds, groups, S + 1)
+    records = []
+    for d, depth in enumerate(depths):
+        for a, alpha in enumerate(alphas):
+            record: dict = {"depth": int(depth), "alpha": float(alpha), "groups": {}}
+            for g, name in enumerate(group_names):
+                curves = per_seed[d, a, :, g, depth:]  # (seeds, S - depth + 1)
+                start = curves[:, 0]
+                ratio = torch.where(start > 0, curves[:, -1] / start.clamp_min(EPS), torch.full_like(start, math.nan))
+                record["groups"][name] = {
+                    "curve": curves.mean(0).tolist(),
+                    "curve_std": curves.std(0, unbiased=False).tolist(),
+                    "contraction": float(ratio.mean()),
+                }
+            agreed = agreement[:, d, a]
+            if not torch.isnan(agreed).all():
+                record["agreement"] = float(agreed.mean())
+            records.append(record)
+    return records
 
 
 def perturbation_test(
@@ -251,61 +330,11 @@ def perturbation_test(
     alphas: Sequence[float] = (0.01, 0.05, 0.1),
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
     classify: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    batch_size: int | None = None,
 ) -> list[dict]:
-    """Inject noise at depth l0, continue the rollout to the end, and measure how far the path strays.
-
-    For every (l0, alpha) the result holds, per token group, the curve D_m = angle(x'_m, x_m) for
-    m = l0..S averaged over images and noise seeds (`curve`, with its seed-to-seed std `curve_std`), the
-    contraction ratio D_S / D_l0 (`contraction`, mean over seeds, nan when D_l0 = 0) and, when `classify`
-    is given, the fraction of images whose predicted class after the perturbed run matches the clean run
-    (`agreement`). `batch_size` splits the rollout into chunks of images to bound memory.
-    """
-    num_steps = states.shape[1] - 1
-    for depth in depths:
-        if not 0 <= depth < num_steps:
-            raise ValueError(f"perturbation depth {depth} is invalid: use steps in 0..{num_steps - 1}.")
-    chunk = batch_size or states.shape[0]
-    clean_labels = classify(states[:, -1]).argmax(-1) if classify is not None else None
-
-    records = []
-    for depth in depths:
-        clean = states[:, depth:]
-        for alpha in alphas:
-            curves: dict[str, list[torch.Tensor]] = {name: [] for name in token_groups}
-            agreements = []
-            for seed in seeds:
-                generator = torch.Generator().manual_seed(int(seed) * 7919 + depth * 101 + int(round(alpha * 1e6)))
-                start = perturb(states[:, depth], alpha, generator)
-                distances, predictions = [], []
-                for begin in range(0, states.shape[0], chunk):
-                    perturbed = rollout(start[begin : begin + chunk], depth)
-                    distances.append(angle(perturbed, clean[begin : begin + chunk]))
-                    if classify is not None:
-                        predictions.append(classify(perturbed[:, -1]).argmax(-1))
-                distance = torch.cat(distances)  # (B, S - depth + 1, N)
-                for name, curve in group_mean(distance, token_groups).items():
-                    curves[name].append(curve)
-                if classify is not None:
-                    agreements.append((torch.cat(predictions) == clean_labels).to(torch.float64).mean())
-            record = {"depth": int(depth), "alpha": float(alpha), "groups": {}}
-            for name, per_seed in curves.items():
-                if not per_seed:
-                    continue
-                stacked = torch.stack(per_seed).to(torch.float64)  # (seeds, S - depth + 1)
-                start_distance = stacked[:, 0]
-                ratio = torch.where(
-                    start_distance > 0, stacked[:, -1] / start_distance.clamp_min(EPS), torch.full_like(start_distance, math.nan)
-                )
-                record["groups"][name] = {
-                    "curve": stacked.mean(0).tolist(),
-                    "curve_std": stacked.std(0, unbiased=False).tolist(),
-                    "contraction": float(ratio.mean()),
-                }
-            if agreements:
-                record["agreement"] = float(torch.stack(agreements).mean())
-            records.append(record)
-    return records
+    """Run the perturbation test on one batch: `perturbation_distances` followed by `perturbation_records`."""
+    groups = {name: index for name, index in token_groups.items() if index.numel() > 0}
+    distance, agreement = perturbation_distances(states, rollout, groups, depths, alphas, seeds, classify)
+    return perturbation_records(distance, agreement, depths, alphas, list(groups))
 
 
 # ----------------------------------------------------------------------------- layer similarity and phases
@@ -357,12 +386,11 @@ def analyse(
     rank_pool_size: int = 64,
     tangential_rank: bool = False,
     coherence_group: str = "patch",
-    batch_size: int | None = None,
 ) -> dict[str, dict]:
     """Run the requested measures on one trajectory; a measure whose inputs are missing is left out.
 
     Returns measure name -> its numbers (tensors converted to lists). Basins need labels; the
-    perturbation test needs `trajectory.rollout`.
+    perturbation test needs `trajectory.rollout` and runs on the whole trajectory as one batch.
     """
     states = trajectory.states
     groups = {name: index.reshape(-1).long() for name, index in trajectory.token_groups.items()}
@@ -381,10 +409,8 @@ def analyse(
         results["basins"] = to_lists(class_basins(summary_token_states(states, groups), trajectory.labels))
     if "perturbation" in measures and trajectory.rollout is not None and states.shape[1] > 2:
         depths = list(perturb_depths) if perturb_depths is not None else default_perturbation_depths(states.shape[1] - 1)
-        records = perturbation_test(
-            states, trajectory.rollout, groups, depths, perturb_alphas, list(range(perturb_seeds)),
-            classify=trajectory.classify, batch_size=batch_size,
-        )
+        records = perturbation_test(states, trajectory.rollout, groups, depths, perturb_alphas,
+                                    list(range(perturb_seeds)), classify=trajectory.classify)
         results["perturbation"] = {"records": records, "num_steps": states.shape[1] - 1}
     return results
 
