@@ -28,8 +28,10 @@ class Trajectory:
     labels: (B,) class per sample for the class-basin measures, or None.
     boundaries: phase boundaries as step indices (0 < b < S), drawn on every depth plot.
     rollout: continues the model from a state: rollout(state (B, N, D), step l) -> states at steps
-        l..S as (B, S - l + 1, N, D); used by the perturbation test. None when the model cannot resume
-        from an arbitrary state.
+        l..S as (B, S - l + 1, N, D); used by the perturbation test. It may keep per-sample inputs of the
+        batch it was made from (the wave network keeps its velocities and frequencies), so callers pass
+        states of exactly those B samples, in the same order. None when the model cannot resume from an
+        arbitrary state.
     classify: maps final states (B, N, D) to class logits (B, n_classes), for label agreement after a
         perturbation. None when there is no such head.
     """
