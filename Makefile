@@ -40,8 +40,8 @@ test: $(STAMP)  ## fast test tier (what CI runs)
 test-full: $(STAMP)  ## every tier except gpu when no CUDA is present: slow training runs and DDP on CPU
 	$(BIN)/python -m pytest -q -m "not gpu or gpu"
 
-bench: $(STAMP)  ## speed and memory benchmarks; prints ratios and writes docs/BENCHMARKS.md
-	$(BIN)/python -m benchmarks $(if $(TASK_ONLY),--task $(TASK_ONLY))
+bench: $(STAMP)  ## speed and memory benchmarks; prints ratios, writes docs/BENCHMARKS.md (BENCH_ARGS="--task waves --quick")
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 lint: $(STAMP)  ## ruff check
 	$(BIN)/ruff check .

@@ -9,6 +9,9 @@ run of the task that has a `last.ckpt`.
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import json
 import logging
 import math
@@ -25,6 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from jsonargparse import ArgumentError
 
 from callbacks.checkpoint import SafeModelCheckpoint, check_checkpoint_file
 from callbacks.rng import RNGStateCallback
@@ -98,6 +102,113 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+# ------------------------------------------------------- one-line config errors
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
+_CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
+_NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
+_SUBCOMMAND_OPTION = re.compile(r"Subcommand '(\w+)' does not accept option '([^']+)'")
+_UNRECOGNIZED = re.compile(r"unrecognized arguments: (.+)")
+_EXPECTED = re.compile(r"Expected an? (.+?)\.? Got value: (.+)")
+_GIVEN_VALUE = re.compile(r"Given value: (.+)")
+_EXPECTED_TYPE = re.compile(r"- Expected an? (<class '(\w+)'>|typing\.Literal\[.+?\]|\S+)")
+_STRUCTURAL = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value",
+    "Expected a <class 'NoneType'>",
+)
+
+
+def init_argument_names(class_path: str) -> list[str]:
+    """Return the `__init__` argument names of the class at `class_path`, or [] if it cannot be imported."""
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names = []
+    for klass in inspect.getmro(cls):
+        if "__init__" not in vars(klass):
+            continue
+        for name, param in inspect.signature(klass.__init__).parameters.items():
+            if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD) and name not in names:
+                names.append(name)
+        break
+    return names
+
+
+def suggestion(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def readable_type(text: str) -> str:
+    text = text.strip()
+    match = re.fullmatch(r"<class '(\w+)'>", text)
+    if match:
+        return match.group(1)
+    match = re.fullmatch(r"typing\.Literal\[(.+)\]", text)
+    return f"one of {match.group(1)}" if match else text
+
+
+def condense_parse_error(message: str, subcommand: str | None = None) -> str:
+    """Rewrite a jsonargparse error message as one line with the key, the offending value and a fix."""
+    help_hint = f"run `dynlab {subcommand or 'fit'} --help` for the valid keys"
+
+    match = _SUBCOMMAND_OPTION.search(message)
+    if match:
+        key = match.group(2)
+        return f"unknown config key {key!r} (check its spelling in the YAML file or flag; {help_hint})."
+
+    match = _UNRECOGNIZED.search(message)
+    if match:
+        return f"unknown option {match.group(1).strip()} (check its spelling; {help_hint})."
+
+    keys = _PARSER_KEY.findall(message)
+    class_paths = _CLASS_PATH.findall(message)
+    location = keys[0] if keys else "the configuration"
+    if class_paths and len(keys) > 1:
+        location = f"{keys[0]}.init_args.{'.'.join(keys[1:])}"
+
+    match = _NOT_ACCEPTED.search(message)
+    if match:
+        option = match.group(1)
+        class_path = class_paths[-1] if class_paths else ""
+        valid = init_argument_names(class_path) if class_path else []
+        listed = f"; valid: {', '.join(valid)}" if valid else ""
+        return (
+            f"unknown config key {keys[0] if keys else 'init_args'}.init_args.{option} for {class_path}"
+            f"{suggestion(option, valid)}{listed}."
+        )
+
+    if "has no attribute" in message or "No module named" in message:
+        target = class_paths[-1] if class_paths else location
+        return f"{location}: class {target!r} not found: give an importable class path such as lightning_modules.<task>.<Class>."
+
+    if "File does not exist" in message:
+        path = message.split("File does not exist:", 1)[1].strip().strip("'")
+        return f"config file {path!r} does not exist: check the path passed to --config."
+
+    match = _EXPECTED.search(message)
+    if match:
+        return f"{location}={match.group(2).strip()!r} is invalid: expected {readable_type(match.group(1))}."
+
+    given = _GIVEN_VALUE.search(message)
+    expected = [readable_type(t) for t, _ in _EXPECTED_TYPE.findall(message) if "NoneType" not in t]
+    if given and expected:
+        return f"{location}={given.group(1).strip()!r} is invalid: expected {' or '.join(expected)}."
+
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(_STRUCTURAL) and not line.startswith("Parser key")]
+    detail = useful[-1] if useful else lines[-1] if lines else message
+    return f"invalid configuration at {location}: {detail} ({help_hint})."
+
+
+class ConfigError(ValueError):
+    """A configuration the parser rejected; the message is one line with the key and the fix."""
+
+
 class DynlabCLI(LightningCLI):
     """LightningCLI in subclass mode for models and data, with run folders and a metrics summary."""
 
@@ -148,6 +259,32 @@ class DynlabCLI(LightningCLI):
 
         for source, target in DATA_TO_MODEL_LINKS.items():
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as LightningCLI does, but report a bad config as `ConfigError` with a one-line message."""
+        parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
+        for each in parsers:
+            each.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            subcommand = next((a for a in (args or sys.argv[1:]) if a in self.subcommands()), None)
+            raise ConfigError(condense_parse_error(str(error), subcommand)) from None
+
+    def _parse_ckpt_path(self) -> None:
+        """Check an explicit checkpoint file before LightningCLI reads its hyperparameters."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+            check_checkpoint_file(Path(ckpt_path))
+        try:
+            super()._parse_ckpt_path()
+        except ArgumentError as error:
+            model = self.config[subcommand].model.class_path
+            raise ConfigError(
+                f"checkpoint {ckpt_path} does not fit model {model}: {condense_parse_error(str(error), subcommand)} "
+                "Pass a checkpoint saved by this task's model, or the config it was trained with."
+            ) from None
 
     # --------------------------------------------------------------- run folder
     def before_instantiate_classes(self) -> None:
@@ -294,13 +431,29 @@ def finish_wandb() -> None:
             wandb.finish()
 
 
-def main(args: list[str] | None = None) -> DynlabCLI:
+def run(args: list[str] | None = None) -> DynlabCLI:
+    """Parse `args` (default: sys.argv), run the subcommand and return the CLI object."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_float32_matmul_precision("high")
     try:
         return DynlabCLI(args=args)
     finally:
         finish_wandb()
+
+
+# Errors that bad input raises on purpose; the console shows their one-line message, not a traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError)
+
+
+def main() -> None:
+    """Entry point of the `dynlab` console script; set DYNLAB_DEBUG=1 for full tracebacks."""
+    try:
+        run()
+    except USER_ERRORS as error:
+        if os.environ.get("DYNLAB_DEBUG"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

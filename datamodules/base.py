@@ -66,6 +66,8 @@ def make_loader(
     """Build a DataLoader whose shuffle order is reproducible across resumes."""
     check_batch_size(batch_size, len(dataset), split, drop_last)
     sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
+    # A loader-owned generator keeps iterator creation from drawing on the global torch RNG, whose
+    # state the checkpoint restores; otherwise a resumed run would shift every later random draw.
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -74,4 +76,5 @@ def make_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -54,7 +54,7 @@ def run_cli(tmp_path, monkeypatch):
             *extra,
             "--runs_root", str(root),
         ]
-        result = cli.main(args)
+        result = cli.run(args)
         return result.run_dir
 
     return _run
