@@ -125,6 +125,8 @@ class ImageClassificationDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         subset: keep at most this many images per split (None keeps all).
         seed: seed of the shuffle order and of any split carved out here.
+        num_classes: number of classes of a Hugging Face dataset. When given, the dataset is opened only in
+            setup (cheap construction, e.g. 1000 for ImageNet-1k); when None it is opened at construction.
         hf_kwargs: extra keyword arguments for `datasets.load_dataset` (e.g. {"revision": "main"}).
     """
 
@@ -146,10 +148,12 @@ class ImageClassificationDataModule(LightningDataModule):
         num_workers: int = 0,
         subset: int | None = None,
         seed: int = 0,
+        num_classes: int | None = None,
         hf_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # num_classes stays out of hparams: Lightning merges them with the model's, where the linked value differs.
+        self.save_hyperparameters(ignore=["num_classes"])
         if image_size < 1:
             raise ValueError(f"image_size={image_size} is invalid: use a positive number of pixels.")
         self.image_size = image_size
@@ -165,12 +169,28 @@ class ImageClassificationDataModule(LightningDataModule):
         self.subset = subset
         self.seed = seed
         self.splits: dict[str, Dataset] = {}
+        self._hf = None
+        self._label_map = None
         if dataset == "digits":
             self.num_classes = 10
-            self.class_names = [str(i) for i in range(10)]
+        elif num_classes is not None:
+            self.num_classes = num_classes  # the data set is opened in setup, so construction stays cheap
         else:
-            self._hf = self._load_hf(dataset, data_dir, hf_kwargs or {})
-            self.num_classes, self.class_names, self._label_map = self._label_info()
+            self._open_hf()
+            self.num_classes = self._num_labels
+
+    def _open_hf(self) -> None:
+        if self._hf is not None:
+            return
+        hp = self.hparams
+        self._hf = self._load_hf(hp.dataset, hp.data_dir, hp.hf_kwargs or {})
+        self._num_labels, self._label_map = self._label_info()
+        declared = getattr(self, "num_classes", None)
+        if declared is not None and self._num_labels != declared:
+            raise ValueError(
+                f"num_classes={declared} but dataset {hp.dataset!r} has {self._num_labels} classes in "
+                f"column {hp.label_column!r}: set --data.init_args.num_classes={self._num_labels} or null."
+            )
 
     # ---------------------------------------------------------------- Hugging Face
     def _load_hf(self, dataset: str, data_dir: str | None, hf_kwargs: dict[str, Any]):
@@ -218,7 +238,7 @@ class ImageClassificationDataModule(LightningDataModule):
             grouped.setdefault(split, []).append(str(path))
         return grouped
 
-    def _label_info(self) -> tuple[int, list[str], dict | None]:
+    def _label_info(self) -> tuple[int, dict | None]:
         import datasets
 
         first_split = next(iter(self._hf.values()))
@@ -231,17 +251,16 @@ class ImageClassificationDataModule(LightningDataModule):
                 )
         feature = first_split.features[self.hparams.label_column]
         if isinstance(feature, datasets.ClassLabel):
-            return feature.num_classes, list(feature.names), None
+            return feature.num_classes, None
         values = sorted({value for split in self._hf.values() for value in split[self.hparams.label_column]})
-        return len(values), [str(v) for v in values], {value: index for index, value in enumerate(values)}
+        return len(values), {value: index for index, value in enumerate(values)}
 
     def _hf_split(self, name: str):
-        available = list(self._hf.keys())
         aliases = {"validation": ("validation", "val", "valid"), "val": ("validation", "val", "valid")}
         for candidate in aliases.get(name, (name,)):
             if candidate in self._hf:
                 return self._hf[candidate]
-        return None if available else None
+        return None
 
     # ------------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:
@@ -253,6 +272,7 @@ class ImageClassificationDataModule(LightningDataModule):
                 tensor = preprocess_tensor(torch.from_numpy(images)[:, None], self.image_size, self.resize_size)
                 self.splits[split] = TensorDataset(tensor, torch.from_numpy(labels))
             return
+        self._open_hf()
         transform = pil_transform(self.image_size, self.resize_size)
         hp = self.hparams
         train = self._hf_split(hp.train_split)

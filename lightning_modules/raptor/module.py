@@ -141,35 +141,48 @@ class RaptorDistill(LightningModule):
         self.automatic_optimization = False
         if not 0.0 <= stage1_fraction <= 1.0:
             raise ValueError(f"stage1_fraction={stage1_fraction} is invalid: use a value in [0, 1].")
-
-        teacher_model, self.teacher_source = build_teacher(
-            teacher, pretrained=teacher_pretrained, weights=teacher_weights, kwargs=teacher_kwargs,
-            image_size=image_size, train_if_missing=train_teacher, train_args=teacher_train_args,
-        )
-        self.teacher = teacher_model
-        self.n_layers = backbone.depth(self.teacher)
-        self.dim = self.teacher.embed_dim
-        self.num_heads = self.teacher.blocks[0].attn.num_heads
-        if k is not None and not (isinstance(k, int) and 1 <= k <= self.n_layers):
-            raise ValueError(f"k={k} is invalid for a teacher of depth {self.n_layers}: use 1 <= k <= {self.n_layers}.")
-        if phase_boundaries is not None:
-            boundaries = phase_lib.check_boundaries(phase_boundaries, self.n_layers)
-            if k is not None and len(boundaries) != k:
-                raise ValueError(
-                    f"phase_boundaries={list(phase_boundaries)} give {len(boundaries)} phases but k={k}: set k to "
-                    f"{len(boundaries)} or null."
-                )
-        n_tokens = self.teacher.patch_embed.num_patches + self.teacher.num_prefix_tokens
-        self.token_groups = backbone.token_groups(self.teacher, n_tokens)
+        if k is not None and not (isinstance(k, int) and k >= 1):
+            raise ValueError(f"k={k} is invalid: use a positive number of phases, or null to choose it automatically.")
+        if phase_boundaries is not None and k is not None and len(phase_boundaries) != k:
+            raise ValueError(
+                f"phase_boundaries={list(phase_boundaries)} give {len(phase_boundaries)} phases but k={k}: set k to "
+                f"{len(phase_boundaries)} or null."
+            )
+        # The teacher and the blocks are built in `build()` (called from setup, checkpoint loading and the
+        # analysis methods), so constructing the module stays cheap: no download and no teacher training.
+        self.teacher: nn.Module | None = None
+        self.teacher_source = ""
         self.register_buffer("phase_bounds", torch.zeros(0, dtype=torch.long))
         self.blocks = nn.ModuleList()
+        self.routing: list[int] = []
         self.similarity: Tensor | None = None
         self.probes: dict[str, LinearProbe] = {}
         self.report: dict[str, float | str] = {}
-        if phase_boundaries is not None:
-            self._build_blocks(list(phase_boundaries))
-        elif k is not None:
-            self._build_blocks_for_k(k)
+
+    def build(self) -> RaptorDistill:
+        """Build the frozen teacher (training it first when its run folder is empty) and the blocks; idempotent."""
+        if self.teacher is not None:
+            return self
+        hp = self.hparams
+        teacher_model, self.teacher_source = build_teacher(
+            hp.teacher, pretrained=hp.teacher_pretrained, weights=hp.teacher_weights, kwargs=hp.teacher_kwargs,
+            image_size=hp.image_size, train_if_missing=hp.train_teacher, train_args=hp.teacher_train_args,
+        )
+        self.teacher = teacher_model.to(self.phase_bounds.device)
+        self.n_layers = backbone.depth(self.teacher)
+        self.dim = self.teacher.embed_dim
+        self.num_heads = self.teacher.blocks[0].attn.num_heads
+        if hp.k is not None and hp.k > self.n_layers:
+            raise ValueError(f"k={hp.k} is invalid for a teacher of depth {self.n_layers}: use 1 <= k <= {self.n_layers}.")
+        n_tokens = self.teacher.patch_embed.num_patches + self.teacher.num_prefix_tokens
+        self.token_groups = backbone.token_groups(self.teacher, n_tokens)
+        if self.phase_bounds.numel() > 0:
+            self._build_blocks(self.boundaries)
+        elif hp.phase_boundaries is not None:
+            self._build_blocks(phase_lib.check_boundaries(hp.phase_boundaries, self.n_layers))
+        elif hp.k is not None:
+            self._build_blocks_for_k(hp.k)
+        return self
 
     # ------------------------------------------------------------------ blocks
     def _make_block(self, first_layer: int) -> nn.Module:
@@ -205,11 +218,13 @@ class RaptorDistill(LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()  # the teacher stays frozen and in eval mode (no drop path)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher stays frozen and in eval mode (no drop path)
         return self
 
     # ----------------------------------------------------------------- phases
     def setup(self, stage: str) -> None:
+        self.build()
         if self.phase_bounds.numel() > 0:
             return
         if self.trainer is not None and self.trainer.ckpt_path:
@@ -268,6 +283,7 @@ class RaptorDistill(LightningModule):
     @torch.no_grad()
     def teacher_states(self, images: Tensor) -> list[Tensor]:
         """Return the teacher's a_0..a_L in float32 (under the ambient autocast when enabled)."""
+        self.build()
         return [state.float() for state in backbone.hidden_states(self.teacher, images)]
 
     def step(self, state: Tensor, layer: int) -> Tensor:
@@ -285,6 +301,7 @@ class RaptorDistill(LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         """Return Raptor's last-layer state (before the final norm)."""
+        self.build()
         a0 = backbone.embed(self.teacher, images)
         return self.rollout(a0, 0, self.n_layers)[-1]
 
@@ -294,12 +311,16 @@ class RaptorDistill(LightningModule):
         groups = self.token_groups
         loss = states[0].new_zeros(())
         if lam > 0:
-            inputs = torch.cat(states[start:end])
-            targets = torch.cat(states[start + 1 : end + 1])
+            # One-step predictions from teacher states, all steps of a block flattened into one batch.
             batch = states[0].shape[0]
-            layers = torch.arange(start + 1, end + 1, device=inputs.device).repeat_interleave(batch).float()
-            block = self.blocks[self.routing[start]]
-            loss = loss + lam * weighted_mse(block(inputs, layers), targets, weights, groups)
+            predictions, targets = [], []
+            for index in sorted(set(self.routing[start:end])):
+                layers = [l for l in range(start + 1, end + 1) if self.routing[l - 1] == index]
+                inputs = torch.cat([states[l - 1] for l in layers])
+                t = torch.tensor(layers, device=inputs.device).repeat_interleave(batch).float()
+                predictions.append(self.blocks[index](inputs, t))
+                targets.extend(states[l] for l in layers)
+            loss = loss + lam * weighted_mse(torch.cat(predictions), torch.cat(targets), weights, groups)
         if lam < 1:
             predictions = self.rollout(states[start], start, end)
             ar = torch.stack([weighted_mse(p, states[l], weights, groups) for l, p in enumerate(predictions, start + 1)])
@@ -476,6 +497,7 @@ class RaptorDistill(LightningModule):
             checkpoint["raptor_similarity"] = self.similarity.tolist()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.build()
         boundaries = checkpoint.get("raptor_phase_bounds")
         if boundaries:
             self._build_blocks(list(boundaries))
@@ -483,6 +505,7 @@ class RaptorDistill(LightningModule):
             self.similarity = torch.tensor(checkpoint["raptor_similarity"])
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.build()
         state_dict = dict(state_dict)
         for key, value in self.teacher.state_dict(prefix="teacher.").items():
             state_dict.setdefault(key, value)
@@ -494,6 +517,7 @@ class RaptorDistill(LightningModule):
     @torch.no_grad()
     def trajectory(self, batch, source: Literal["raptor", "teacher"] = "raptor") -> Trajectory:
         """Return the states a_0..a_L of Raptor (or of the teacher) with rollout and classifier."""
+        self.build()
         images, labels = batch
         images = images.to(self.device)
         if source == "teacher":

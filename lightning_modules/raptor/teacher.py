@@ -75,6 +75,37 @@ def train_teacher_run(run_dir: Path, image_size: int, extra_args: list[str]) -> 
     return checkpoint
 
 
+def find_or_train_teacher(run_dir: Path, image_size: int, train_if_missing: bool, train_args: list[str]) -> Path:
+    """Return the best checkpoint of a finished teacher run, training (or resuming) it first when allowed.
+
+    A run counts as finished once the CLI has written its metrics.json. A file lock beside the run folder
+    makes concurrent callers (several ranks, parallel jobs) wait for one training run instead of racing.
+    """
+    import fcntl
+
+    if not train_if_missing:
+        checkpoint = best_checkpoint(run_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(
+                f"teacher run folder {run_dir} holds no checkpoint: train it with `make train TASK=vit "
+                f"ARGS=--run_name={run_dir.name}` or set --model.init_args.train_teacher=true."
+            )
+        if not (run_dir / "metrics.json").is_file():
+            log.warning("teacher run %s has no metrics.json, so its training may be unfinished", run_dir)
+        return checkpoint
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir.parent / f".{run_dir.name}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            checkpoint = best_checkpoint(run_dir)
+            if checkpoint is None or not (run_dir / "metrics.json").is_file():
+                checkpoint = train_teacher_run(run_dir, image_size, train_args)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return checkpoint
+
+
 def load_vit_checkpoint(path: Path) -> nn.Module:
     """Return the timm model of a `vit` task checkpoint."""
     from lightning_modules.vit.module import ViTClassifier
@@ -136,7 +167,14 @@ def build_timm_teacher(name: str, pretrained: bool, weights: str | None, kwargs:
             "vit_base_patch14_reg4_dinov2.lvd142m), or pass a vit task checkpoint or run folder."
         )
     try:
-        model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
+        try:
+            model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
+        except TypeError as error:
+            # Non-ViT architectures reject img_size; build them without it so the ViT check names the problem.
+            if "img_size" not in str(error) or "img_size" not in kwargs:
+                raise
+            kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+            model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
     except (RuntimeError, OSError, ValueError) as error:
         if pretrained and weights is None:
             raise ConnectionError(
@@ -166,14 +204,7 @@ def build_teacher(
         if path.suffix == ".ckpt":
             checkpoint = path
         else:
-            checkpoint = best_checkpoint(path)
-            if checkpoint is None:
-                if not train_if_missing:
-                    raise FileNotFoundError(
-                        f"teacher run folder {path} holds no checkpoint: train it with `make train TASK=vit "
-                        f"ARGS=--run_name={path.name}` or set --model.init_args.train_teacher=true."
-                    )
-                checkpoint = train_teacher_run(path, image_size or 16, list(train_args or []))
+            checkpoint = find_or_train_teacher(path, image_size or 16, train_if_missing, list(train_args or []))
         model, source = load_vit_checkpoint(checkpoint), str(checkpoint)
     else:
         if image_size is not None and "img_size" not in kwargs:
