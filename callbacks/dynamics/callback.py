@@ -101,6 +101,7 @@ class DynamicsAnalysis(Callback):
         self.sources = list(sources) if sources else None
         self.output_dir = output_dir
         self.ran_after_fit = False
+        self.fit_started: float | None = None
         self.last_duration_s: float | None = None
         self.last_results: dict[str, dict] = {}
 
@@ -108,9 +109,16 @@ class DynamicsAnalysis(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.check_model(pl_module)
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.fit_started = time.perf_counter()
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        fit_seconds = time.perf_counter() - self.fit_started if self.fit_started is not None else None
         self.run(trainer, pl_module)
         self.ran_after_fit = True
+        if fit_seconds and trainer.is_global_zero:
+            log.info("dynamics analysis overhead: %.2f s on top of %.1f s of fitting (%.1f%%)",
+                     self.last_duration_s, fit_seconds, 100 * self.last_duration_s / fit_seconds)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A validate run analyses its checkpoint. The validation that the CLI runs right after fit on the

@@ -1,0 +1,67 @@
+"""DynamicsAnalysis attached from the command line to smoke runs of the raptor, vit and waves tasks."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+import pytest
+
+SMOKE = "configs/presets/smoke.yaml"
+# Lean settings keep each run short: a small probe, one noise seed and one noise size.
+CALLBACK = (
+    "--trainer.callbacks+=callbacks.dynamics.DynamicsAnalysis",
+    "--trainer.callbacks.probe_size=16",
+    "--trainer.callbacks.batch_size=16",
+    "--trainer.callbacks.perturb_seeds=1",
+    "--trainer.callbacks.perturb_alphas=[0.05]",
+    "--trainer.callbacks.num_phases=2",
+)
+CLASSIFIER_OUTPUTS = ("similarity", "convergence", "basins", "perturbation", "speed", "coherence", "rank")
+
+
+def check_folder(folder, names):
+    for name in names:
+        pixels = matplotlib.image.imread(folder / f"{name}.png")
+        assert pixels[..., :3].std() > 0.05, f"{folder / name}.png looks blank"
+        numbers = json.loads((folder / f"{name}.json").read_text())
+        assert numbers["measure"] == name
+        assert numbers["probe_size"] == 16
+    return json.loads((folder / "summary.json").read_text())
+
+
+def test_vit_smoke_run_writes_all_outputs(run_cli):
+    run_dir = run_cli("fit", "vit", "--config", SMOKE, *CALLBACK)
+    folder = run_dir / "figures" / "dynamics"
+    summary = check_folder(folder, CLASSIFIER_OUTPUTS)
+    convergence = json.loads((folder / "convergence.json").read_text())
+    assert convergence["cls"][-1] == pytest.approx(1.0, abs=1e-5)
+    assert len(convergence["cls"]) == 13  # a_0 .. a_12 of the 12-layer vit
+    assert 0.0 <= summary["basins"]["ncm_accuracy_last"] <= 1.0
+
+
+def test_raptor_smoke_run_teacher_and_raptor(run_cli):
+    run_dir = run_cli(
+        "fit", "raptor", "--config", SMOKE,
+        "--model.init_args.teacher=vit_tiny_patch16_224", "--model.init_args.teacher_pretrained=false",
+        "--model.init_args.teacher_kwargs={patch_size: 4, depth: 4, embed_dim: 32, num_heads: 2}",
+        "--model.init_args.phase_images=64",
+        *CALLBACK, "--trainer.callbacks.sources=[teacher,raptor]",
+    )
+    folder = run_dir / "figures" / "dynamics"
+    for source in ("teacher", "raptor"):
+        check_folder(folder / source, CLASSIFIER_OUTPUTS)
+    assert (folder / "comparison.png").is_file()
+    # Raptor's trajectory brings its own phase boundaries, which every depth plot uses.
+    raptor_similarity = json.loads((folder / "raptor" / "similarity.json").read_text())
+    assert raptor_similarity["boundaries_drawn"] == raptor_similarity["boundaries_from_model"]
+    assert len(raptor_similarity["boundaries_from_model"]) == 1  # k = 2 phases
+
+
+def test_waves_smoke_run_writes_unlabelled_outputs(run_cli):
+    run_dir = run_cli("fit", "waves", "--config", SMOKE, *CALLBACK, "--model.init_args.steps=12")
+    folder = run_dir / "figures" / "dynamics"
+    check_folder(folder, ("similarity", "convergence", "perturbation", "speed", "coherence", "rank"))
+    assert not (folder / "basins.json").exists()  # segmentation has no class labels
+    rank = json.loads((folder / "rank.json").read_text())
+    assert max(rank["effective_per_image"]) <= 2.0 + 1e-6  # two hidden channels bound the rank
