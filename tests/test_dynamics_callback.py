@@ -115,7 +115,8 @@ def check_outputs(folder: Path, expected=EXPECTED) -> dict[str, dict]:
         assert png.is_file(), f"missing {png}"
         assert data.is_file(), f"missing {data}"
         pixels = matplotlib.image.imread(png)
-        assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+        assert pixels.shape[0] > 100
+        assert pixels.shape[1] > 100
         assert pixels[..., :3].std() > 0.05, f"{png} looks blank"
         numbers[name] = json.loads(data.read_text())
         assert numbers[name]["measure"] == name
@@ -150,7 +151,8 @@ def test_callback_writes_every_measure(tmp_path):
     assert numbers["basins"]["probe_size"] == 24
     assert len(numbers["similarity"]["matrix"]) == 6
     boundaries = numbers["similarity"]["boundaries_from_similarity"]
-    assert len(boundaries) == 1 and 0 < boundaries[0] < 6
+    assert len(boundaries) == 1
+    assert 0 < boundaries[0] < 6
     assert numbers["convergence"]["boundaries"] == boundaries
     depths = sorted({record["depth"] for record in numbers["perturbation"]["records"]})
     assert depths == [1, 2, 3, 4]

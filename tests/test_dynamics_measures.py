@@ -1,4 +1,4 @@
-"""Dynamical measures on synthetic trajectories whose answers are known in closed form."""
+"""Dynamical measures on synthetic trajectories with results known in closed form."""
 
 from __future__ import annotations
 

@@ -87,6 +87,7 @@ class DynamicsAnalysis(Callback):
             problems.append(f"perturb_alphas={list(perturb_alphas)} is invalid: sizes must be >= 0")
         if problems:
             raise ValueError("DynamicsAnalysis: " + "; ".join(problems) + ".")
+
         self.probe_size = probe_size
         self.probe_seed = probe_seed
         self.batch_size = batch_size
@@ -190,7 +191,7 @@ class DynamicsAnalysis(Callback):
         return dataset, loaders.collate_fn
 
     def probe_indices(self, n_samples: int) -> list[int]:
-        """A fixed draw of min(probe_size, n_samples) dataset indices, sorted."""
+        """Draw min(probe_size, n_samples) dataset indices with the fixed probe seed, sorted."""
         generator = torch.Generator().manual_seed(self.probe_seed)
         chosen = torch.randperm(n_samples, generator=generator)[: self.probe_size]
         return sorted(chosen.tolist())
@@ -201,7 +202,7 @@ class DynamicsAnalysis(Callback):
         """Compute this rank's share of the probe trajectories, gather all shares, and return the whole on rank 0.
 
         Rank r takes probe positions r, r + W, ...; shares are padded to equal length by repeating a
-        position so `all_gather` sees equal shapes, and rank 0 puts the samples back in probe order. The
+        position so that `all_gather` gets equal shapes, and rank 0 puts the samples back in probe order. The
         perturbation test runs here, batch by batch, because a model's rollout may hold per-sample inputs
         of the batch it came from; its per-sample distances are gathered like the states. Returns
         (trajectory, perturbation) on rank 0, where perturbation holds the per-sample distances, and
@@ -434,12 +435,12 @@ def phase_slices(boundaries: list[int], num_steps: int) -> list[tuple[int, int]]
 
 
 def summarise(results: dict[str, dict], boundaries: list[int], num_steps: int) -> dict[str, Any]:
-    """Headline numbers for the qualitative claims: S-shaped convergence, late reorientation of cls,
+    """Compute headline numbers for the qualitative claims: S-shaped convergence, late reorientation of cls,
     low-rank late updates and self-correction after small perturbations.
 
-    s_shaped: the convergence curve rises (no drop below -0.01) and its largest single-step rise lies
-    strictly inside the trajectory (not at the first or the last step); that is our operational reading
-    of "S-shaped".
+    s_shaped is our operational reading of "S-shaped": the convergence curve never drops by more than
+    0.01, and its largest single-step rise lies strictly inside the trajectory, not at the first or the
+    last step.
     """
     summary: dict[str, Any] = {}
     phases = phase_slices(boundaries, num_steps)

@@ -5,9 +5,8 @@ Notation: `states` is (B, S + 1, N, D); step l = 0..S is the state after l layer
 image b at step l is x_(b,i,l). Only directions are compared, because state norms grow with depth. Angles
 are in radians.
 
-The formulas follow the dynamical measures of the Raptor study (Jacobs et al., "Block-Recurrent Dynamics
-in Vision Transformers", 2025); where that paper gives no exact formula, the choice made here is stated
-in the function's docstring.
+The measures read a ViT's depth as a dynamical system, as in the study of block-recurrent ViTs behind the
+Raptor task. Where that study gives no exact formula, each docstring states the choice made here.
 """
 
 from __future__ import annotations
@@ -162,7 +161,7 @@ def update_ranks(
 
 # ----------------------------------------------------------------------------- class basins
 def summary_token_states(states: torch.Tensor, token_groups: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One vector per image and step (B, S + 1, D): the cls token when there is a `cls` group, else the token mean."""
+    """Select one vector per image and step (B, S + 1, D): the cls token if there is a `cls` group, else the token mean."""
     if "cls" in token_groups and token_groups["cls"].numel() > 0:
         return states[:, :, int(token_groups["cls"].reshape(-1)[0])]
     return states.mean(dim=2)
@@ -341,8 +340,8 @@ def perturbation_test(
 def layer_summaries(states: torch.Tensor, token_groups: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summaries (B, S, n_summaries, D) of steps 1..S for the phase code: each group's token mean, registers left out.
 
-    For a ViT this gives the cls token and the mean patch token; for a network with one token group (the
-    wave segmenter's pixels), the mean over all tokens.
+    For a ViT this gives the cls token and the mean patch token. For a network with one token group, such as
+    the wave segmenter's pixels, it gives the mean over all tokens.
     """
     summaries = []
     for name, index in token_groups.items():
