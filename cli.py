@@ -82,7 +82,7 @@ def infer_task(model_class_path: str | None) -> str:
 
 
 def latest_resumable_run(task_dir: Path) -> Path | None:
-    """Return the newest run folder under `task_dir` that holds `checkpoints/last.ckpt`."""
+    """Return the newest run folder under `task_dir` that contains `checkpoints/last.ckpt`."""
     candidates = [p.parent.parent for p in task_dir.glob("*/checkpoints/last.ckpt")]
     return max(candidates, key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime, default=None)
 
@@ -201,7 +201,11 @@ def condense_parse_error(message: str, subcommand: str | None = None) -> str:
 
     lines = [line.strip(" -") for line in message.splitlines() if line.strip()]
     useful = [line for line in lines if not line.startswith(_STRUCTURAL) and not line.startswith("Parser key")]
-    detail = useful[-1] if useful else lines[-1] if lines else message
+    detail = message
+    if useful:
+        detail = useful[-1]
+    elif lines:
+        detail = lines[-1]
     return f"invalid configuration at {location}: {detail} ({help_hint})."
 
 
@@ -232,12 +236,16 @@ class DynlabCLI(LightningCLI):
             "--run_name", type=str | None, default=None,
             help="Name of the run folder under runs/<task>/ (default: a time stamp). Reuse it to resume.",
         )
-        parser.add_argument("--runs_root", type=str, default="runs", help="Folder that holds runs/<task>/.")
+        parser.add_argument("--runs_root", type=str, default="runs", help="Folder that contains runs/<task>/.")
         parser.add_argument(
             "--wandb_mode", type=WandbMode, default="auto",
             help="auto: online with an API key, else an offline run to upload later with `wandb sync`.",
         )
         parser.add_argument("--wandb_project", type=str, default="dynlab", help="wandb project name.")
+        parser.add_argument(
+            "--checkpoint_every_n_steps", type=int | None, default=None,
+            help="Also refresh checkpoints/last.ckpt every N training steps, so a killed run loses at most N steps.",
+        )
         parser.add_argument(
             "--test_after_fit", type=bool, default=True,
             help="After fit, validate and test the best checkpoint and write metrics.json.",
@@ -253,6 +261,8 @@ class DynlabCLI(LightningCLI):
                 "checkpoint.save_top_k": 1,
                 "checkpoint.filename": "best-epoch{epoch:03d}",
                 "checkpoint.auto_insert_metric_name": False,
+                # A resumed run overwrites last.ckpt instead of writing last-v1.ckpt beside it.
+                "checkpoint.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(RNGStateCallback, "rng_state")
@@ -341,10 +351,19 @@ class DynlabCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = self.make_logger(config)
-        return super().instantiate_trainer(**kwargs)
+            trainer_config["logger"] = self.make_logger(config)
+
+        extra_callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        every = config.get("checkpoint_every_n_steps")
+        if every:
+            # A second checkpoint callback that only refreshes last.ckpt mid-epoch; the main one keeps the best.
+            extra_callbacks.append(
+                SafeModelCheckpoint(dirpath=config.checkpoint.dirpath, save_last=True, save_top_k=0,
+                                    every_n_train_steps=every, enable_version_counter=False)
+            )
+        return self._instantiate_trainer(trainer_config, extra_callbacks)
 
     def make_logger(self, config) -> WandbLogger:
         run_id = re.sub(r"[^\w\-]", "-", f"{config.task}-{config.run_name}")

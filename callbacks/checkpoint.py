@@ -6,12 +6,31 @@ import os
 import zipfile
 from pathlib import Path
 
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class SafeModelCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that writes to a temporary file and renames it, so a kill leaves the old file intact."""
+    """ModelCheckpoint that writes atomically and refreshes last.ckpt at every epoch end.
+
+    Writing to a temporary file and renaming it means a kill leaves the previous file intact. Lightning
+    2.6 writes last.ckpt only in epochs that also saved a top-k checkpoint, so a run whose validation
+    loss stopped improving would resume from an old epoch; `save_last` here means the newest state.
+    """
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         tmp_path = f"{filepath}.tmp"

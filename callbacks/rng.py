@@ -1,4 +1,4 @@
-"""Save and restore every random number generator with the checkpoint, so a resumed run is bit-identical."""
+"""Save and restore the RNG states and the position in the epoch, so a resumed run is bit-identical."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from datamodules.base import ResumableDataLoader
 
 
 def numpy_state_to_plain(state: tuple) -> dict[str, Any]:
@@ -44,6 +46,15 @@ class RNGStateCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        # Record the position in the epoch on resumable loaders; Lightning saves it with the checkpoint.
+        combined = trainer.fit_loop._combined_loader
+        consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        for loader in combined.flattened if combined is not None else []:
+            if isinstance(loader, ResumableDataLoader):
+                loader.batches_consumed = consumed
+                loader.epoch_of_count = trainer.current_epoch
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._pending is None:

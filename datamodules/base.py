@@ -30,16 +30,47 @@ class EpochShuffleSampler(Sampler[int]):
         self.length = data_source_len
         self.seed = seed
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, samples already consumed in it)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume_at(self, epoch: int, n_consumed: int) -> None:
+        """Make the next pass over `epoch` leave out its first `n_consumed` indices (a mid-epoch resume)."""
+        self._resume = (epoch, n_consumed)
+
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        order = torch.randperm(self.length, generator=generator).tolist()
+        if self._resume is not None:
+            epoch, n_consumed = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                order = order[n_consumed:]
+        return iter(order)
 
     def __len__(self) -> int:
         return self.length
+
+
+class ResumableDataLoader(DataLoader):
+    """DataLoader that records how many batches of the current epoch training consumed.
+
+    Lightning stores `state_dict()` in the checkpoint and calls `load_state_dict` before the first
+    iterator of a resumed run, so a run killed mid-epoch continues with the first unseen batch. The count
+    is set by `RNGStateCallback` after each training batch (the loader itself runs one batch ahead
+    because Lightning prefetches). Under DDP the sampler is wrapped and a resume restarts the epoch.
+    """
+
+    batches_consumed: int = 0
+    epoch_of_count: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch_of_count, "batches_consumed": self.batches_consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if isinstance(self.sampler, EpochShuffleSampler) and self.batch_size:
+            self.sampler.resume_at(state["epoch"], state["batches_consumed"] * self.batch_size)
 
 
 def check_batch_size(batch_size: int, n_samples: int, split: str, drop_last: bool) -> None:
@@ -68,7 +99,8 @@ def make_loader(
     sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
     # A loader-owned generator keeps iterator creation from drawing on the global torch RNG, whose
     # state the checkpoint restores; otherwise a resumed run would shift every later random draw.
-    return DataLoader(
+    loader_class = ResumableDataLoader if shuffle else DataLoader
+    return loader_class(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
