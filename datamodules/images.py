@@ -48,16 +48,22 @@ def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         images, labels, train_size=train_frac, stratify=labels, random_state=DIGITS_SPLIT_SEED
     )
     x_val, x_test, y_val, y_test = train_test_split(
-        x_rest, y_rest, test_size=test_frac / (val_frac + test_frac), stratify=y_rest, random_state=DIGITS_SPLIT_SEED
+        x_rest,
+        y_rest,
+        test_size=test_frac / (val_frac + test_frac),
+        stratify=y_rest,
+        random_state=DIGITS_SPLIT_SEED,
     )
     return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
 
 
 def preprocess_tensor(images: torch.Tensor, image_size: int, resize_size: int) -> torch.Tensor:
-    """Apply the DINOv2 preprocessing to a (B, C, H, W) tensor in [0, 1]: RGB, resize, centre crop, normalise."""
+    """Apply the DINOv2 preprocessing to (B, C, H, W) images in [0, 1]: RGB, resize, crop, normalise."""
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
-    images = torch.nn.functional.interpolate(images, size=(resize_size, resize_size), mode="bicubic", align_corners=False)
+    images = torch.nn.functional.interpolate(
+        images, size=(resize_size, resize_size), mode="bicubic", align_corners=False
+    )
     offset = (resize_size - image_size) // 2
     images = images[:, :, offset : offset + image_size, offset : offset + image_size].clamp(0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -66,7 +72,7 @@ def preprocess_tensor(images: torch.Tensor, image_size: int, resize_size: int) -
 
 
 def pil_transform(image_size: int, resize_size: int):
-    """Return the torchvision transform for PIL images: RGB, bicubic resize, centre crop, ImageNet normalisation."""
+    """Return the PIL transform: RGB, bicubic resize, centre crop, ImageNet normalisation."""
     from torchvision import transforms
 
     return transforms.Compose(
@@ -152,7 +158,7 @@ class ImageClassificationDataModule(LightningDataModule):
         hf_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
-        # num_classes stays out of hparams: Lightning merges them with the model's, where the linked value differs.
+        # num_classes stays out of hparams because Lightning merges them with the model's linked value.
         self.save_hyperparameters(ignore=["num_classes"])
         if image_size < 1:
             raise ValueError(f"image_size={image_size} is invalid: use a positive number of pixels.")
@@ -160,7 +166,8 @@ class ImageClassificationDataModule(LightningDataModule):
         self.resize_size = resize_size or default_resize(image_size)
         if self.resize_size < image_size:
             raise ValueError(
-                f"resize_size={self.resize_size} is smaller than image_size={image_size}: the centre crop needs "
+                f"resize_size={self.resize_size} is smaller than image_size={image_size}: the centre crop "
+                "needs "
                 f"resize_size >= image_size."
             )
         self.dataset_name = dataset
@@ -202,7 +209,10 @@ class ImageClassificationDataModule(LightningDataModule):
             parquet = sorted(local.rglob("*.parquet")) if local.is_dir() else [local]
             if local.is_file() or parquet:
                 if not all(path.suffix == ".parquet" for path in parquet):
-                    raise ValueError(f"dataset={dataset!r} is a file but not a .parquet file: pass a parquet file or an image folder.")
+                    raise ValueError(
+                        f"dataset={dataset!r} is a file but not a .parquet file: pass a parquet file or an "
+                        "image folder."
+                    )
                 files = self._parquet_files(local, parquet)
                 loaded = datasets.load_dataset("parquet", data_files=files, **hf_kwargs)
             else:
@@ -211,20 +221,26 @@ class ImageClassificationDataModule(LightningDataModule):
         looks_like_path = dataset.startswith((".", "/", "~")) or dataset.endswith(".parquet")
         if looks_like_path:
             raise FileNotFoundError(
-                f"dataset={dataset!r} was not found (looked in {', '.join(str(c) for c in candidates)}): pass an "
+                f"dataset={dataset!r} was not found (looked in {', '.join(str(c) for c in candidates)}): "
+                "pass an "
                 "existing image folder (one subfolder per class) or parquet file."
             )
         hint = (
-            f"point data.init_args.dataset at a local copy instead: an image folder with one subfolder per class "
+            "point data.init_args.dataset at a local copy instead: an image folder with one subfolder per "
+            "class "
             f"(or a parquet file), e.g. --data.init_args.dataset=/path/to/{dataset.split('/')[-1]}"
         )
         if hub_offline():
-            raise ConnectionError(f"dataset={dataset!r} is a hub name but the Hugging Face hub is set offline: {hint}.")
+            raise ConnectionError(
+                f"dataset={dataset!r} is a hub name but the Hugging Face hub is set offline: {hint}."
+            )
         try:
             return datasets.load_dataset(dataset, **hf_kwargs)
         except Exception as error:  # the hub raises many types (connection, auth, not found)
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ConnectionError(f"loading dataset={dataset!r} from the Hugging Face hub failed ({first_line}): {hint}.") from error
+            raise ConnectionError(
+                f"loading dataset={dataset!r} from the Hugging Face hub failed ({first_line}): {hint}."
+            ) from error
 
     @staticmethod
     def _parquet_files(root: Path, files: list[Path]) -> dict[str, list[str]]:
@@ -234,7 +250,10 @@ class ImageClassificationDataModule(LightningDataModule):
         grouped: dict[str, list[str]] = {}
         for path in files:
             parts = [p.lower() for p in path.relative_to(root).parts]
-            split = next((s for s in ("train", "validation", "val", "test") if any(p.startswith(s) for p in parts)), "train")
+            split = next(
+                (s for s in ("train", "validation", "val", "test") if any(p.startswith(s) for p in parts)),
+                "train",
+            )
             grouped.setdefault(split, []).append(str(path))
         return grouped
 
@@ -243,7 +262,10 @@ class ImageClassificationDataModule(LightningDataModule):
 
         first_split = next(iter(self._hf.values()))
         columns = first_split.column_names
-        for role, column in (("image_column", self.hparams.image_column), ("label_column", self.hparams.label_column)):
+        for role, column in (
+            ("image_column", self.hparams.image_column),
+            ("label_column", self.hparams.label_column),
+        ):
             if column not in columns:
                 raise ValueError(
                     f"{role}={column!r} is not a column of dataset {self.dataset_name!r} (columns: "
@@ -269,7 +291,9 @@ class ImageClassificationDataModule(LightningDataModule):
         if self.dataset_name == "digits":
             for split, (images, labels) in digits_splits().items():
                 images, labels = self._take_subset(images, labels)
-                tensor = preprocess_tensor(torch.from_numpy(images)[:, None], self.image_size, self.resize_size)
+                tensor = preprocess_tensor(
+                    torch.from_numpy(images)[:, None], self.image_size, self.resize_size
+                )
                 self.splits[split] = TensorDataset(tensor, torch.from_numpy(labels))
             return
         self._open_hf()
@@ -292,7 +316,9 @@ class ImageClassificationDataModule(LightningDataModule):
         for split, data in (("train", train), ("val", val), ("test", test)):
             if self.subset is not None and len(data) > self.subset:
                 data = data.shuffle(seed=self.seed).select(range(self.subset))
-            self.splits[split] = HFImageDataset(data, hp.image_column, hp.label_column, self._label_map, transform)
+            self.splits[split] = HFImageDataset(
+                data, hp.image_column, hp.label_column, self._label_map, transform
+            )
 
     def _take_subset(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.subset is None or len(labels) <= self.subset:
@@ -303,17 +329,28 @@ class ImageClassificationDataModule(LightningDataModule):
     # ----------------------------------------------------------------- loaders
     def train_dataloader(self):
         return make_loader(
-            self.splits["train"], self.batch_size, shuffle=True, seed=self.seed, drop_last=False,
-            num_workers=self.num_workers, split="train",
+            self.splits["train"],
+            self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=False,
+            num_workers=self.num_workers,
+            split="train",
         )
 
     def val_dataloader(self):
-        return make_loader(self.splits["val"], self.batch_size, shuffle=False, num_workers=self.num_workers, split="val")
+        return make_loader(
+            self.splits["val"], self.batch_size, shuffle=False, num_workers=self.num_workers, split="val"
+        )
 
     def test_dataloader(self):
-        return make_loader(self.splits["test"], self.batch_size, shuffle=False, num_workers=self.num_workers, split="test")
+        return make_loader(
+            self.splits["test"], self.batch_size, shuffle=False, num_workers=self.num_workers, split="test"
+        )
 
     def eval_loader(self, split: str):
         """Return an unshuffled loader over any split, for feature extraction (probes, phase discovery)."""
         self.setup()
-        return make_loader(self.splits[split], self.batch_size, shuffle=False, num_workers=self.num_workers, split=split)
+        return make_loader(
+            self.splits[split], self.batch_size, shuffle=False, num_workers=self.num_workers, split=split
+        )

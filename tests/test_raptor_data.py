@@ -1,4 +1,4 @@
-"""Image classification data: the bundled digits split, image folders and parquet through `datasets`, errors."""
+"""Image classification data: the digits split, image folders and parquet through `datasets`, errors."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def make_image_folder(root: Path, per_class: int = 6) -> Path:
         for index in range(per_class):
             mode = modes[index % 3]
             size = 20 + 4 * index
-            pixels = rng.integers(0, 255, size=(size, size, {"L": 1, "RGBA": 4, "RGB": 3}[mode]), dtype=np.uint8)
+            pixels = rng.integers(
+                0, 255, size=(size, size, {"L": 1, "RGBA": 4, "RGB": 3}[mode]), dtype=np.uint8
+            )
             pixels[..., 0] = 255 * label
             image = Image.fromarray(pixels.squeeze(-1) if mode == "L" else pixels, mode=mode)
             image.save(folder / f"{name}_{index}.png")
@@ -84,7 +86,12 @@ def test_parquet_file(tmp_path):
     path = tmp_path / "shapes.parquet"
     table.to_parquet(str(path))
     data = ImageClassificationDataModule(
-        dataset=str(path), image_column="picture", label_column="kind", image_size=14, batch_size=2, val_fraction=0.5
+        dataset=str(path),
+        image_column="picture",
+        label_column="kind",
+        image_size=14,
+        batch_size=2,
+        val_fraction=0.5,
     )
     assert data.num_classes == 2
     data.setup()
@@ -96,7 +103,9 @@ def test_parquet_file(tmp_path):
 @pytest.mark.parametrize("role", ["image_column", "label_column"])
 def test_missing_column_is_named(tmp_path, role):
     folder = make_image_folder(tmp_path / "shapes", per_class=2)
-    with pytest.raises(ValueError, match=rf"{role}='nope' is not a column of dataset .*: set --data.init_args.{role}"):
+    with pytest.raises(
+        ValueError, match=rf"{role}='nope' is not a column of dataset .*: set --data.init_args.{role}"
+    ):
         ImageClassificationDataModule(dataset=str(folder), **{role: "nope"})
 
 

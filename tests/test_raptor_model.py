@@ -14,6 +14,7 @@ from lightning_modules.raptor.module import RaptorDistill, tf_weight, weighted_m
 from lightning_modules.vit import backbone
 from lightning_modules.vit.module import warmup_cosine
 
+
 def make(**kwargs) -> RaptorDistill:
     return RaptorDistill(**kwargs).build()
 
@@ -109,8 +110,12 @@ def test_token_weights_combination():
 def test_exact_reconstruction_dinov2_architecture():
     torch.manual_seed(0)
     model = make(
-        teacher="vit_small_patch14_reg4_dinov2", image_size=28, k=12, phase_boundaries=list(range(1, 13)),
-        block="teacher", block_init="copy",
+        teacher="vit_small_patch14_reg4_dinov2",
+        image_size=28,
+        k=12,
+        phase_boundaries=list(range(1, 13)),
+        block="teacher",
+        block_init="copy",
     )
     for param in model.teacher.parameters():  # random LayerScale 1e-5 would hide errors: make blocks matter
         if param.dim() == 1 and param.numel() == model.dim:
@@ -121,7 +126,7 @@ def test_exact_reconstruction_dinov2_architecture():
         targets = model.teacher_states(images)
         predictions = model.rollout(targets[0], 0, 12)
     assert len(predictions) == 12
-    for layer, (p, y) in enumerate(zip(predictions, targets[1:]), 1):
+    for layer, (p, y) in enumerate(zip(predictions, targets[1:], strict=False), 1):
         relative = ((p - y).norm() / y.norm()).item()
         assert relative < 1e-5, f"layer {layer}: relative error {relative}"
     assert r2_score(torch.stack(predictions), torch.stack(targets[1:])) == pytest.approx(1.0, abs=1e-6)
@@ -255,8 +260,13 @@ def test_missing_teacher_run_without_training(tmp_path):
 
 def test_stage_one_losses_vanish_for_copied_blocks():
     model = make(
-        teacher="vit_tiny_patch16_224", teacher_kwargs=TINY_TEACHER["teacher_kwargs"], image_size=16, k=4,
-        phase_boundaries=[1, 2, 3, 4], block="teacher", block_init="copy",
+        teacher="vit_tiny_patch16_224",
+        teacher_kwargs=TINY_TEACHER["teacher_kwargs"],
+        image_size=16,
+        k=4,
+        phase_boundaries=[1, 2, 3, 4],
+        block="teacher",
+        block_init="copy",
     )
     states = model.teacher_states(torch.randn(2, 3, 16, 16))
     for lam in (1.0, 0.5, 0.0):

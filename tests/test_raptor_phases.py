@@ -92,7 +92,7 @@ def test_dp_within_plus_cut_is_total():
 def test_dp_min_length():
     sim = random_similarity(8, seed=2)
     boundaries = contiguous_phases(sim, 3, min_length=2)
-    lengths = [b - a for a, b in zip([0, *boundaries[:-1]], boundaries)]
+    lengths = [b - a for a, b in zip([0, *boundaries[:-1]], boundaries, strict=False)]
     assert min(lengths) >= 2
 
 

@@ -31,7 +31,7 @@ class FidelityR2:
 
     def update(self, predictions: list[Tensor], targets: list[Tensor]) -> None:
         """Add a batch: lists of L states (B, N, D) for layers 1..L."""
-        for layer, (pred, target) in enumerate(zip(predictions, targets)):
+        for layer, (pred, target) in enumerate(zip(predictions, targets, strict=False)):
             pred, target = pred.detach().double().cpu(), target.detach().double().cpu()
             for name, index in self.groups.items():
                 p = pred if index is None else pred[:, index]

@@ -39,14 +39,16 @@ log = logging.getLogger(__name__)
 
 
 def tf_weight(step: int, total: int, tf_fraction: float) -> float:
-    """Return lambda, the teacher-forcing weight: 1 at step 0, falling linearly to 0 at tf_fraction x total."""
+    """Return lambda, the teacher-forcing weight: 1 at step 0, linearly down to 0 at tf_fraction x total."""
     ramp = tf_fraction * total
     if ramp <= 0:
         return 0.0
     return max(0.0, 1.0 - step / ramp)
 
 
-def weighted_mse(pred: Tensor, target: Tensor, weights: list[float] | None, groups: dict[str, Tensor]) -> Tensor:
+def weighted_mse(
+    pred: Tensor, target: Tensor, weights: list[float] | None, groups: dict[str, Tensor]
+) -> Tensor:
     """Return the MSE over all tokens, or w_cls MSE(cls) + w_reg MSE(reg) + w_patch MSE(patch).
 
     Each group's MSE is averaged within the group; a group with no tokens (no registers) is skipped.
@@ -54,7 +56,7 @@ def weighted_mse(pred: Tensor, target: Tensor, weights: list[float] | None, grou
     if weights is None:
         return F.mse_loss(pred, target)
     total = pred.new_zeros(())
-    for weight, name in zip(weights, ("cls", "reg", "patch")):
+    for weight, name in zip(weights, ("cls", "reg", "patch"), strict=False):
         index = groups[name]
         if weight == 0 or index.numel() == 0:
             continue
@@ -135,17 +137,22 @@ class RaptorDistill(LightningModule):
         for name in ("stage1_token_weights", "stage1_last_token_weights", "stage2_token_weights", "probe_l2"):
             value = locals()[name]
             if value is not None and name != "probe_l2" and len(value) != 3:
-                raise ValueError(f"{name}={list(value)} is invalid: give three weights (cls, registers, patches).")
+                raise ValueError(
+                    f"{name}={list(value)} is invalid: give three weights (cls, registers, patches)."
+                )
         self.save_hyperparameters()
         self.hparams.update({k: list(v) for k, v in self.hparams.items() if isinstance(v, tuple)})
         self.automatic_optimization = False
         if not 0.0 <= stage1_fraction <= 1.0:
             raise ValueError(f"stage1_fraction={stage1_fraction} is invalid: use a value in [0, 1].")
         if k is not None and not (isinstance(k, int) and k >= 1):
-            raise ValueError(f"k={k} is invalid: use a positive number of phases, or null to choose it automatically.")
+            raise ValueError(
+                f"k={k} is invalid: use a positive number of phases, or null to choose it automatically."
+            )
         if phase_boundaries is not None and k is not None and len(phase_boundaries) != k:
             raise ValueError(
-                f"phase_boundaries={list(phase_boundaries)} give {len(phase_boundaries)} phases but k={k}: set k to "
+                f"phase_boundaries={list(phase_boundaries)} give {len(phase_boundaries)} phases but k={k}: "
+                "set k to "
                 f"{len(phase_boundaries)} or null."
             )
         # The teacher and the blocks are built in `build()` (called from setup, checkpoint loading and the
@@ -160,20 +167,27 @@ class RaptorDistill(LightningModule):
         self.report: dict[str, float | str] = {}
 
     def build(self) -> RaptorDistill:
-        """Build the frozen teacher (training it first when its run folder is empty) and the blocks; idempotent."""
+        """Build the frozen teacher (trained first when its run folder is empty) and the blocks, once."""
         if self.teacher is not None:
             return self
         hp = self.hparams
         teacher_model, self.teacher_source = build_teacher(
-            hp.teacher, pretrained=hp.teacher_pretrained, weights=hp.teacher_weights, kwargs=hp.teacher_kwargs,
-            image_size=hp.image_size, train_if_missing=hp.train_teacher, train_args=hp.teacher_train_args,
+            hp.teacher,
+            pretrained=hp.teacher_pretrained,
+            weights=hp.teacher_weights,
+            kwargs=hp.teacher_kwargs,
+            image_size=hp.image_size,
+            train_if_missing=hp.train_teacher,
+            train_args=hp.teacher_train_args,
         )
         self.teacher = teacher_model.to(self.phase_bounds.device)
         self.n_layers = backbone.depth(self.teacher)
         self.dim = self.teacher.embed_dim
         self.num_heads = self.teacher.blocks[0].attn.num_heads
         if hp.k is not None and hp.k > self.n_layers:
-            raise ValueError(f"k={hp.k} is invalid for a teacher of depth {self.n_layers}: use 1 <= k <= {self.n_layers}.")
+            raise ValueError(
+                f"k={hp.k} is invalid for a teacher of depth {self.n_layers}: use 1 <= k <= {self.n_layers}."
+            )
         n_tokens = self.teacher.patch_embed.num_patches + self.teacher.num_prefix_tokens
         self.token_groups = backbone.token_groups(self.teacher, n_tokens)
         if self.phase_bounds.numel() > 0:
@@ -192,8 +206,13 @@ class RaptorDistill(LightningModule):
         if hp.block != "raptor":
             raise ValueError(f"block={hp.block!r} is invalid: choose raptor or teacher.")
         return RaptorBlock(
-            self.dim, self.num_heads, mlp=hp.mlp, mlp_ratio=hp.mlp_ratio, ln_eps=hp.ln_eps,
-            init_values=hp.init_values, depth_scaling=hp.depth_scaling,
+            self.dim,
+            self.num_heads,
+            mlp=hp.mlp,
+            mlp_ratio=hp.mlp_ratio,
+            ln_eps=hp.ln_eps,
+            init_values=hp.init_values,
+            depth_scaling=hp.depth_scaling,
         )
 
     def _build_blocks_for_k(self, k: int) -> None:
@@ -236,7 +255,9 @@ class RaptorDistill(LightningModule):
         """Return (B, L, 2, D): the cls token and the mean patch token of teacher layers 1..L."""
         states = backbone.hidden_states(self.teacher, images)[1:]
         prefix = self.teacher.num_prefix_tokens
-        return torch.stack([torch.stack([s[:, 0], s[:, prefix:].mean(1)], dim=1) for s in states], dim=1).float()
+        return torch.stack(
+            [torch.stack([s[:, 0], s[:, prefix:].mean(1)], dim=1) for s in states], dim=1
+        ).float()
 
     @torch.no_grad()
     def discover_phases(self, datamodule) -> list[int]:
@@ -254,10 +275,13 @@ class RaptorDistill(LightningModule):
         if hp.phase_boundaries is not None:
             boundaries = list(hp.phase_boundaries)
         elif hp.phase_method == "maxcut":
-            boundaries = phase_lib.phases_to_boundaries(phase_lib.max_cut_phases(self.similarity, hp.maxcut_f))
+            boundaries = phase_lib.phases_to_boundaries(
+                phase_lib.max_cut_phases(self.similarity, hp.maxcut_f)
+            )
             if hp.k is not None and len(boundaries) != hp.k:
                 raise ValueError(
-                    f"maxcut_f={hp.maxcut_f} gives {len(boundaries)} phases but k={hp.k}: tune maxcut_f or set k=null."
+                    f"maxcut_f={hp.maxcut_f} gives {len(boundaries)} phases but k={hp.k}: tune maxcut_f or "
+                    "set k=null."
                 )
         else:
             k = hp.k if hp.k is not None else phase_lib.choose_k(self.similarity, hp.k_gain_threshold)
@@ -275,7 +299,9 @@ class RaptorDistill(LightningModule):
             return
         path = Path(self.trainer.default_root_dir) / "figures" / "phases.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        plot_similarity(self.similarity, self.boundaries, path, title=f"teacher layer similarity ({self.teacher_source})")
+        plot_similarity(
+            self.similarity, self.boundaries, path, title=f"teacher layer similarity ({self.teacher_source})"
+        )
         if isinstance(self.logger, WandbLogger):
             self.logger.log_image(key="phases/similarity", images=[str(path)])
 
@@ -323,7 +349,9 @@ class RaptorDistill(LightningModule):
             loss = loss + lam * weighted_mse(torch.cat(predictions), torch.cat(targets), weights, groups)
         if lam < 1:
             predictions = self.rollout(states[start], start, end)
-            ar = torch.stack([weighted_mse(p, states[l], weights, groups) for l, p in enumerate(predictions, start + 1)])
+            ar = torch.stack(
+                [weighted_mse(p, states[l], weights, groups) for l, p in enumerate(predictions, start + 1)]
+            )
             loss = loss + (1 - lam) * ar.mean()
         return loss
 
@@ -373,7 +401,8 @@ class RaptorDistill(LightningModule):
             warmup = int(hp.warmup_fraction * steps)
             span = max(1, steps)
             scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s, span=span, warmup=warmup: warmup_cosine(s, span, warmup, hp.lr, hp.min_lr) / hp.lr
+                optimizer,
+                lambda s, span=span, warmup=warmup: warmup_cosine(s, span, warmup, hp.lr, hp.min_lr) / hp.lr,
             )
             optimizers.append(optimizer)
             schedulers.append(scheduler)
@@ -387,12 +416,16 @@ class RaptorDistill(LightningModule):
     def validation_step(self, batch, batch_idx):
         images, labels = batch
         predictions, targets = self._full_rollout(images)
-        loss = torch.stack([F.mse_loss(p, y) for p, y in zip(predictions, targets)]).mean()
+        loss = torch.stack([F.mse_loss(p, y) for p, y in zip(predictions, targets, strict=False)]).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/last_layer_mse", F.mse_loss(predictions[-1], targets[-1]), sync_dist=True)
         if self.teacher.num_classes > 0:
-            raptor_acc = (backbone.head_logits(self.teacher, predictions[-1]).argmax(-1) == labels).float().mean()
-            teacher_acc = (backbone.head_logits(self.teacher, targets[-1]).argmax(-1) == labels).float().mean()
+            raptor_acc = (
+                (backbone.head_logits(self.teacher, predictions[-1]).argmax(-1) == labels).float().mean()
+            )
+            teacher_acc = (
+                (backbone.head_logits(self.teacher, targets[-1]).argmax(-1) == labels).float().mean()
+            )
             self.log("val/head_acc_raptor", raptor_acc, sync_dist=True)
             self.log("val/head_acc_teacher", teacher_acc, sync_dist=True)
 
@@ -430,7 +463,11 @@ class RaptorDistill(LightningModule):
         val = self._split_features(datamodule.eval_loader("val"), self.hparams.probe_max_batches)
         for source in ("teacher", "raptor"):
             self.probes[source] = fit_linear_probe(
-                train[source], train["labels"], val[source], val["labels"], self.hparams.num_classes,
+                train[source],
+                train["labels"],
+                val[source],
+                val["labels"],
+                self.hparams.num_classes,
                 tuple(self.hparams.probe_l2),
             )
 
@@ -439,9 +476,11 @@ class RaptorDistill(LightningModule):
         predictions, targets = self._full_rollout(images)
         self.fidelity.update(predictions, targets)
         self.test_features["teacher"].append(backbone.probe_features(self.teacher, targets[-1]).float().cpu())
-        self.test_features["raptor"].append(backbone.probe_features(self.teacher, predictions[-1]).float().cpu())
+        self.test_features["raptor"].append(
+            backbone.probe_features(self.teacher, predictions[-1]).float().cpu()
+        )
         self.test_features["labels"].append(labels.cpu())
-        loss = torch.stack([F.mse_loss(p, y) for p, y in zip(predictions, targets)]).mean()
+        loss = torch.stack([F.mse_loss(p, y) for p, y in zip(predictions, targets, strict=False)]).mean()
         self.log("test/loss", loss, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
@@ -457,7 +496,10 @@ class RaptorDistill(LightningModule):
         self.log("test/r2_mean", report["r2_mean"])
         if self.probes:
             labels = torch.cat(self.test_features["labels"])
-            accs = {s: self.probes[s].accuracy(torch.cat(self.test_features[s]), labels) for s in ("teacher", "raptor")}
+            accs = {
+                s: self.probes[s].accuracy(torch.cat(self.test_features[s]), labels)
+                for s in ("teacher", "raptor")
+            }
             report["teacher_probe_acc"] = accs["teacher"]
             report["raptor_probe_acc"] = accs["raptor"]
             report["probe_ratio"] = accs["raptor"] / max(accs["teacher"], 1e-12)
@@ -491,7 +533,9 @@ class RaptorDistill(LightningModule):
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
+        }
         checkpoint["raptor_phase_bounds"] = self.boundaries
         if self.similarity is not None:
             checkpoint["raptor_similarity"] = self.similarity.tolist()
@@ -525,7 +569,9 @@ class RaptorDistill(LightningModule):
 
             def rollout(state: Tensor, layer: int) -> Tensor:
                 with torch.no_grad():
-                    return torch.stack([state, *backbone.run_blocks(self.teacher, state, layer, self.n_layers)], 1)
+                    return torch.stack(
+                        [state, *backbone.run_blocks(self.teacher, state, layer, self.n_layers)], 1
+                    )
         elif source == "raptor":
             a0 = backbone.embed(self.teacher, images)
             states = [a0, *self.rollout(a0, 0, self.n_layers)]
@@ -548,14 +594,18 @@ class RaptorDistill(LightningModule):
     def _classifier(self, source: str):
         probe = self.probes.get(source)
         if probe is not None:
+
             def classify(state: Tensor) -> Tensor:
                 with torch.no_grad():
                     return probe.logits(backbone.probe_features(self.teacher, state).cpu())
+
             return classify
         if self.teacher.num_classes > 0:
+
             def head(state: Tensor) -> Tensor:
                 with torch.no_grad():
                     return backbone.head_logits(self.teacher, state)
+
             return head
         return None
 
@@ -563,7 +613,7 @@ class RaptorDistill(LightningModule):
 def describe_phases(boundaries: list[int]) -> str:
     """Return phases as text, e.g. '1-7, 8-12'."""
     starts = [1, *[b + 1 for b in boundaries[:-1]]]
-    return ", ".join(f"{s}-{e}" if s != e else str(s) for s, e in zip(starts, boundaries))
+    return ", ".join(f"{s}-{e}" if s != e else str(s) for s, e in zip(starts, boundaries, strict=False))
 
 
 def plot_similarity(similarity: Tensor, boundaries: list[int], path: Path, title: str = "") -> None:

@@ -18,7 +18,8 @@ def similarity_matrix(summaries: Tensor) -> Tensor:
     """Return the (L, L) mean cosine between layers from summaries of shape (n_images, L, n_summaries, D)."""
     if summaries.dim() != 4:
         raise ValueError(
-            f"summaries must have shape (n_images, layers, n_summaries, features); got {tuple(summaries.shape)}."
+            "summaries must have shape (n_images, layers, n_summaries, features); got "
+            f"{tuple(summaries.shape)}."
         )
     unit = torch.nn.functional.normalize(summaries.double(), dim=-1)
     cosines = torch.einsum("nisd,njsd->ij", unit, unit)
@@ -80,7 +81,8 @@ def contiguous_phases(similarity: Tensor, k: int, min_length: int = 1) -> list[i
         )
     cost = _segment_costs(distance)
     inf = float("inf")
-    # best[j][e]: least cost of covering the first e layers with j phases; parent[j][e]: start of the last one.
+    # best[j][e] is the least cost of covering the first e layers with j phases.
+    # parent[j][e] is the start of the last of those phases.
     best = [[inf] * (n_layers + 1) for _ in range(k + 1)]
     parent = [[-1] * (n_layers + 1) for _ in range(k + 1)]
     best[0][0] = 0.0
@@ -192,7 +194,12 @@ def route_layers(boundaries: list[int]) -> list[int]:
 def check_boundaries(boundaries: list[int], n_layers: int) -> list[int]:
     """Validate end boundaries: strictly increasing, inside 1..L, last one equal to L."""
     values = [int(b) for b in boundaries]
-    if not values or values[-1] != n_layers or values[0] < 1 or any(b <= a for a, b in itertools.pairwise(values)):
+    if (
+        not values
+        or values[-1] != n_layers
+        or values[0] < 1
+        or any(b <= a for a, b in itertools.pairwise(values))
+    ):
         raise ValueError(
             f"phase boundaries {list(boundaries)} are invalid for depth {n_layers}: give strictly increasing "
             f"1-based layer indices ending at {n_layers}, e.g. [{max(1, n_layers // 2)}, {n_layers}]."

@@ -49,15 +49,22 @@ def best_checkpoint(run_dir: Path) -> Path | None:
 
 
 def train_teacher_run(run_dir: Path, image_size: int, extra_args: list[str]) -> Path:
-    """Train the `vit` task into `run_dir` (runs_root/task/run_name) with the dynlab CLI; return its best checkpoint."""
+    """Train the `vit` task into `run_dir` (runs_root/task/run_name) with the CLI; return its best .ckpt."""
     runs_root, task, run_name = run_dir.parent.parent, run_dir.parent.name, run_dir.name
     command = [
-        sys.executable, "-m", "cli", "fit",
-        "--config", str(REPO_ROOT / "configs" / "base.yaml"),
-        "--config", str(REPO_ROOT / "configs" / "tasks" / "vit.yaml"),
+        sys.executable,
+        "-m",
+        "cli",
+        "fit",
+        "--config",
+        str(REPO_ROOT / "configs" / "base.yaml"),
+        "--config",
+        str(REPO_ROOT / "configs" / "tasks" / "vit.yaml"),
         *extra_args,
         f"--data.init_args.image_size={image_size}",
-        f"--runs_root={runs_root.resolve()}", f"--task={task}", f"--run_name={run_name}",
+        f"--runs_root={runs_root.resolve()}",
+        f"--task={task}",
+        f"--run_name={run_name}",
     ]
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         command.append("--ckpt_path=last")
@@ -70,12 +77,14 @@ def train_teacher_run(run_dir: Path, image_size: int, extra_args: list[str]) -> 
     if result.returncode != 0 or checkpoint is None:
         raise RuntimeError(
             f"training the teacher into {run_dir} failed (exit code {result.returncode}): run "
-            f"`make train TASK=vit ARGS=\"--run_name={run_name} --runs_root={runs_root}\"` to see the error."
+            f'`make train TASK=vit ARGS="--run_name={run_name} --runs_root={runs_root}"` to see the error.'
         )
     return checkpoint
 
 
-def find_or_train_teacher(run_dir: Path, image_size: int, train_if_missing: bool, train_args: list[str]) -> Path:
+def find_or_train_teacher(
+    run_dir: Path, image_size: int, train_if_missing: bool, train_args: list[str]
+) -> Path:
     """Return the best checkpoint of a finished teacher run, training (or resuming) it first when allowed.
 
     A run counts as finished once the CLI has written its metrics.json. A file lock beside the run folder
@@ -113,24 +122,29 @@ def load_vit_checkpoint(path: Path) -> nn.Module:
     check_checkpoint_file(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"checkpoint {path} is not a Lightning checkpoint of the vit task: pass a vit task .ckpt.")
+        raise ValueError(
+            f"checkpoint {path} is not a Lightning checkpoint of the vit task: pass a vit task .ckpt."
+        )
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
     try:
         module = ViTClassifier(**hparams)
         module.load_state_dict(checkpoint["state_dict"])
     except (TypeError, RuntimeError) as error:
         raise ValueError(
-            f"checkpoint {path} does not hold a vit task model ({str(error).splitlines()[0]}): pass a checkpoint "
+            f"checkpoint {path} does not hold a vit task model ({str(error).splitlines()[0]}): pass a "
+            "checkpoint "
             "written by `make train TASK=vit`."
         ) from error
     return module.model
 
 
 def load_weights_file(model: nn.Module, path: str) -> None:
-    """Load a local state-dict file into `model`, with a one-line error for a missing, corrupt or mismatched file."""
+    """Load a local state-dict file into `model`, with one-line errors for a missing or broken file."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"teacher weights file {file} was not found: pass an existing .pth/.safetensors file.")
+        raise FileNotFoundError(
+            f"teacher weights file {file} was not found: pass an existing .pth/.safetensors file."
+        )
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -140,7 +154,8 @@ def load_weights_file(model: nn.Module, path: str) -> None:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch and safetensors raise several types for a damaged file
         raise ValueError(
-            f"teacher weights file {file} could not be read ({type(error).__name__}): the file is corrupt or not a "
+            f"teacher weights file {file} could not be read ({type(error).__name__}): the file is corrupt "
+            "or not a "
             "state dict; download it again or export it with torch.save(model.state_dict(), path)."
         ) from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -178,7 +193,8 @@ def build_timm_teacher(name: str, pretrained: bool, weights: str | None, kwargs:
     except (RuntimeError, OSError, ValueError) as error:
         if pretrained and weights is None:
             raise ConnectionError(
-                f"downloading pretrained weights for teacher={name!r} failed ({str(error).splitlines()[0]}): pass "
+                f"downloading pretrained weights for teacher={name!r} failed "
+                f"({str(error).splitlines()[0]}): pass "
                 "a local copy with --model.init_args.teacher_weights=/path/to/weights.safetensors."
             ) from error
         raise
@@ -204,18 +220,23 @@ def build_teacher(
         if path.suffix == ".ckpt":
             checkpoint = path
         else:
-            checkpoint = find_or_train_teacher(path, image_size or 16, train_if_missing, list(train_args or []))
+            checkpoint = find_or_train_teacher(
+                path, image_size or 16, train_if_missing, list(train_args or [])
+            )
         model, source = load_vit_checkpoint(checkpoint), str(checkpoint)
     else:
         if image_size is not None and "img_size" not in kwargs:
             kwargs["img_size"] = image_size
         model = build_timm_teacher(teacher, pretrained, weights, kwargs)
-        source = f"timm:{teacher}" + (f" weights={weights}" if weights else (" pretrained" if pretrained else " random"))
+        source = f"timm:{teacher}" + (
+            f" weights={weights}" if weights else (" pretrained" if pretrained else " random")
+        )
     model = check_vit(model)
     expected = model.patch_embed.img_size
     if image_size is not None and tuple(expected) != (image_size, image_size) and not model.dynamic_img_size:
         raise ValueError(
-            f"the teacher expects {expected[0]}x{expected[1]} images but the data gives image_size={image_size}: "
+            f"the teacher expects {expected[0]}x{expected[1]} images but the data gives "
+            f"image_size={image_size}: "
             f"set --data.init_args.image_size={expected[0]}."
         )
     model.eval()

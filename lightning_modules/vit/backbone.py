@@ -13,10 +13,11 @@ from torch import Tensor, nn
 
 
 def check_vit(model: nn.Module, name: str = "teacher") -> VisionTransformer:
-    """Return `model` when it is a timm VisionTransformer with a cls token; raise a one-line error otherwise."""
+    """Return `model` when it is a timm VisionTransformer with a cls token, else raise a one-line error."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(
-            f"{name} is a {type(model).__name__}, not a timm VisionTransformer: Raptor reads per-layer tokens of a "
+            f"{name} is a {type(model).__name__}, not a timm VisionTransformer: Raptor reads per-layer "
+            "tokens of a "
             "ViT, so pick a ViT model (e.g. vit_small_patch14_reg4_dinov2) or a checkpoint of the vit task."
         )
     if model.cls_token is None:

@@ -16,7 +16,7 @@ from lightning_modules.vit import backbone
 
 
 def warmup_cosine(step: int, total: int, warmup: int, peak: float, final: float) -> float:
-    """Return the learning rate at `step`: linear from 0 to `peak` over `warmup` steps, then cosine to `final`."""
+    """Return the learning rate at `step`: linear from 0 to `peak` over `warmup` steps, cosine to `final`."""
     if warmup > 0 and step < warmup:
         return peak * step / warmup
     span = max(1, total - warmup)
@@ -76,15 +76,25 @@ class ViTClassifier(LightningModule):
         self.save_hyperparameters()
         if image_size % patch_size:
             raise ValueError(
-                f"image_size={image_size} is not a multiple of patch_size={patch_size}: pick a patch size that "
+                f"image_size={image_size} is not a multiple of patch_size={patch_size}: pick a patch size "
+                "that "
                 "divides the image size."
             )
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate={drop_path_rate} is invalid: use a value in [0, 1).")
         self.model = VisionTransformer(
-            img_size=image_size, patch_size=patch_size, in_chans=in_channels, num_classes=num_classes,
-            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, reg_tokens=reg_tokens,
-            init_values=init_values, global_pool="token", drop_path_rate=0.0,
+            img_size=image_size,
+            patch_size=patch_size,
+            in_chans=in_channels,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            reg_tokens=reg_tokens,
+            init_values=init_values,
+            global_pool="token",
+            drop_path_rate=0.0,
         )
         self.set_drop_path(drop_path_rate)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -107,7 +117,9 @@ class ViTClassifier(LightningModule):
         if stage == "train":
             images = random_shift(images, self.hparams.augment_shift)
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0)
+        loss = F.cross_entropy(
+            logits, labels, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0
+        )
         metric = getattr(self, f"{stage}_acc")
         metric(logits, labels)
         on_step = stage == "train"
@@ -130,7 +142,8 @@ class ViTClassifier(LightningModule):
         for name, param in self.model.named_parameters():
             (no_decay if param.dim() < 2 or "token" in name or "pos_embed" in name else decay).append(param)
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(hp.warmup_fraction * total)

@@ -1,0 +1,117 @@
+"""Raptor: cost of one distillation step against its parts measured apart.
+
+A distillation step runs the frozen teacher (no_grad) to get the target states, then the student's
+own training step on them (rollout, loss, backward, clip, AdamW). The ratio
+    distillation step / (teacher forward + student step on cached targets)
+is 1 when reading the teacher on the fly adds nothing beyond the two parts; the goal is <= 1.10.
+The model is the offline default's shape (12-layer, width-48 ViT on 16x16 inputs with patch 4, k = 2),
+or DINOv2 ViT-B/14-reg at 224x224 on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.common import BenchRow, interleaved_medians, peak_rss_mib
+from lightning_modules.raptor.module import RaptorDistill
+
+CPU_SHAPE = {
+    "teacher": "vit_tiny_patch16_224",
+    "teacher_kwargs": {"patch_size": 4, "depth": 12, "embed_dim": 48, "num_heads": 3},
+    "image_size": 16,
+    "batch": 64,
+}
+GPU_SHAPE = {"teacher": "vit_base_patch14_reg4_dinov2", "teacher_kwargs": {}, "image_size": 224, "batch": 64}
+
+
+def build(shape: dict, device: torch.device) -> tuple[RaptorDistill, torch.Tensor, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = (
+        RaptorDistill(
+            teacher=shape["teacher"],
+            teacher_kwargs=shape["teacher_kwargs"],
+            image_size=shape["image_size"],
+            k=2,
+            phase_boundaries=[7, 12],
+        )
+        .build()
+        .to(device)
+    )
+    images = torch.randn(shape["batch"], 3, shape["image_size"], shape["image_size"], device=device)
+    optimizer = torch.optim.AdamW(model.blocks.parameters(), lr=1e-4)
+    return model, images, optimizer
+
+
+def student_step(model: RaptorDistill, optimizer, states: list[torch.Tensor], lam: float) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if lam > 0:
+        loss = model.segment_loss(states, 0, 7, lam, None) + model.segment_loss(
+            states, 7, 12, lam, [0.34, 0.33, 0.33]
+        )
+    else:
+        loss = model.segment_loss(states, 0, 12, 0.0, [0.45, 0.10, 0.45])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.blocks.parameters(), 1.0)
+    optimizer.step()
+
+
+def run(quick: bool = False) -> list[BenchRow]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
+    model, images, optimizer = build(shape, device)
+    cached = [state.detach() for state in model.teacher_states(images)]
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    rows = []
+    for label, lam in (("stage 2 (AR)", 0.0), ("stage 1 (TF+AR)", 0.5)):
+
+        def teacher_forward():
+            with torch.no_grad():
+                model.teacher_states(images)
+            synchronize()
+
+        def own_step(lam=lam):
+            student_step(model, optimizer, cached, lam)
+            synchronize()
+
+        def distill_step(lam=lam):
+            with torch.no_grad():
+                states = model.teacher_states(images)
+            student_step(model, optimizer, states, lam)
+            synchronize()
+
+        repeats = 3 if quick else 10
+        times = interleaved_medians(
+            {"teacher": teacher_forward, "student": own_step, "distill": distill_step},
+            warmup=1,
+            repeats=repeats,
+        )
+        ratio = times["distill"] / (times["teacher"] + times["student"])
+        rows.append(
+            BenchRow(
+                "raptor",
+                f"distillation step / (teacher forward + student step), {label}",
+                ratio,
+                "x",
+                reference=f"{times['teacher'] * 1e3:.1f} ms + {times['student'] * 1e3:.1f} ms",
+                goal="<= 1.10",
+                note=f"{times['distill'] * 1e3:.1f} ms per step, batch {shape['batch']}",
+            )
+        )
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        rows.append(
+            BenchRow("raptor", "peak GPU memory, distillation step", peak, "MiB", note=shape["teacher"])
+        )
+    else:
+        rows.append(
+            BenchRow("raptor", "peak resident memory of the process", peak_rss_mib(), "MiB", note="CPU")
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    for row in run(quick=True):
+        print(row)
