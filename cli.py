@@ -209,6 +209,18 @@ def condense_parse_error(message: str, subcommand: str | None = None) -> str:
     return f"invalid configuration at {location}: {detail} ({help_hint})."
 
 
+def compile_in_place(model: LightningModule) -> None:
+    """Compile the model's hot modules with torch.compile, in place so state-dict keys stay unchanged.
+
+    A model may name its hot modules in `compile_targets()`; otherwise its direct children are compiled.
+    Compiling a submodule by wrapping it would add `_orig_mod.` to every key and break checkpoint loading.
+    """
+    targets = model.compile_targets() if hasattr(model, "compile_targets") else list(model.children())
+    for module in targets:
+        module.compile()
+    log.info("compiled %d module(s) of %s with torch.compile", len(targets), type(model).__name__)
+
+
 class ConfigError(ValueError):
     """A configuration the parser rejected; the message is one line with the key and the fix."""
 
@@ -245,6 +257,10 @@ class DynlabCLI(LightningCLI):
         parser.add_argument(
             "--checkpoint_every_n_steps", type=int | None, default=None,
             help="Also refresh checkpoints/last.ckpt every N training steps, so a killed run loses at most N steps.",
+        )
+        parser.add_argument(
+            "--compile", type=bool, default=False,
+            help="torch.compile the model in place (opt-in); checkpoints keep the same keys either way.",
         )
         parser.add_argument(
             "--test_after_fit", type=bool, default=True,
@@ -348,6 +364,11 @@ class DynlabCLI(LightningCLI):
         config.trainer.default_root_dir = str(run_dir)
         config.checkpoint.dirpath = str(run_dir / "checkpoints")
         self.wandb_mode = resolve_wandb_mode(config.wandb_mode)
+
+    def after_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("compile"):
+            compile_in_place(self.model)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self.config[self.subcommand] if self.subcommand else self.config

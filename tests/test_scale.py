@@ -1,0 +1,113 @@
+"""Every task under bf16 autocast, torch.compile and DDP on CPU (the DDP and compile tests are slow tier)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+import cli
+from tests.conftest import CONFIGS, REPO_ROOT
+
+TASKS = ("waves", "hypersindy", "raptor", "vit")
+SMOKE = CONFIGS / "presets" / "smoke.yaml"
+
+# bf16 keeps 8 bits of mantissa, so one forward pass agrees with float32 to about 1e-2 relative.
+BF16_RELATIVE_TOLERANCE = 0.05
+
+
+def build_task(task: str, tmp_path: Path, *extra: str) -> cli.DynlabCLI:
+    """Instantiate a task's model and data with the smoke preset, without running anything."""
+    args = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "tasks" / f"{task}.yaml"),
+            "--config", str(SMOKE), "--runs_root", str(tmp_path / "runs"), *extra]
+    os.environ.pop(cli.RUN_NAME_ENV, None)
+    return cli.DynlabCLI(args=args, run=False)
+
+
+def validation_loss(built: cli.DynlabCLI, precision: str) -> float:
+    trainer = Trainer(accelerator="cpu", devices=1, precision=precision, limit_val_batches=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=built.run_dir)
+    results = trainer.validate(built.model, datamodule=built.datamodule, verbose=False)
+    return float(results[0]["val/loss"])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_bf16_loss_matches_fp32(task, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    built = build_task(task, tmp_path)
+    torch.manual_seed(0)
+    fp32 = validation_loss(built, "32-true")
+    torch.manual_seed(0)
+    bf16 = validation_loss(built, "bf16-mixed")
+    assert torch.isfinite(torch.tensor(bf16))
+    assert abs(bf16 - fp32) <= BF16_RELATIVE_TOLERANCE * abs(fp32), (task, fp32, bf16)
+
+
+def test_compile_flag_keeps_checkpoint_keys(tmp_path, monkeypatch):
+    """compile_in_place leaves parameter names unchanged, so checkpoints load with or without compile."""
+    from tests.toy.task import ToyClassifier
+
+    plain = ToyClassifier()
+    compiled = ToyClassifier()
+    cli.compile_in_place(compiled)
+    assert list(plain.state_dict()) == list(compiled.state_dict())
+    compiled.load_state_dict(plain.state_dict())
+    plain.load_state_dict(compiled.state_dict())
+
+
+@pytest.mark.slow
+def test_compiled_run_checkpoint_loads_uncompiled(run_cli, tmp_path):
+    run_dir = run_cli("fit", "vit", "--config", str(SMOKE), "--compile=true", "--run_name=compiled")
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in key for key in state)
+    validated = run_cli("validate", "vit", "--config", str(SMOKE), f"--ckpt_path={ckpt}")
+    assert "val/loss" in json.loads((validated / "metrics.json").read_text())["validate"]
+
+
+def dynlab_subprocess(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "WANDB_MODE": "disabled"}
+    env.pop(cli.RUN_NAME_ENV, None)
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, check=False, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKS)
+def test_ddp_two_processes_match_single(task, tmp_path):
+    """DDP with 2 CPU processes (gloo): one set of files, and synced validation metrics equal 1 process."""
+    runs_root = tmp_path / "runs"
+    common = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "tasks" / f"{task}.yaml"),
+              "--config", str(SMOKE), f"--runs_root={runs_root}", "--trainer.accelerator=cpu"]
+
+    ddp_fit = dynlab_subprocess("fit", *common, "--run_name=ddp", "--trainer.strategy=ddp", "--trainer.devices=2")
+    assert ddp_fit.returncode == 0, ddp_fit.stderr[-3000:]
+    run_dir = runs_root / task / "ddp"
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints
+    assert not [name for name in checkpoints if "-v1" in name or name.endswith(".tmp")], checkpoints
+    assert not list(run_dir.parent.glob("ddp?*")), "a second run folder was created by another rank"
+    figures = [p for p in (run_dir / "figures").rglob("*") if p.is_file()]
+    assert len({p.name for p in figures}) == len(figures)
+
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    single = dynlab_subprocess("validate", *common, f"--ckpt_path={ckpt}", "--run_name=single",
+                               "--trainer.devices=1")
+    assert single.returncode == 0, single.stderr[-3000:]
+    single_metrics = json.loads((runs_root / task / "single" / "metrics.json").read_text())["validate"]
+    double = dynlab_subprocess("validate", *common, f"--ckpt_path={ckpt}", "--run_name=double",
+                               "--trainer.strategy=ddp", "--trainer.devices=2")
+    assert double.returncode == 0, double.stderr[-3000:]
+    double_metrics = json.loads((runs_root / task / "double" / "metrics.json").read_text())["validate"]
+
+    # DistributedSampler pads the last batch with repeated samples, so allow a small difference.
+    assert single_metrics.keys() == double_metrics.keys()
+    for key, value in single_metrics.items():
+        assert double_metrics[key] == pytest.approx(value, rel=0.05, abs=1e-3), key
