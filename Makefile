@@ -34,6 +34,9 @@ train: $(STAMP)  ## train TASK (waves, hypersindy, raptor, vit) with ARGS="--fla
 seeds: $(STAMP)  ## train TASK once per seed in SEEDS and aggregate the test metrics
 	$(BIN)/python -m callbacks.seeds --task $(TASK) --seeds $(SEEDS) -- $(if $(PRESET),--config configs/presets/$(PRESET).yaml) $(ARGS)
 
+study: $(STAMP)  ## Raptor study: digits teachers with drop_path_rate 0, 0.1, 0.3, 0.5, k = 2; table and plot (ARGS for more flags)
+	$(BIN)/python -m lightning_modules.raptor.study --runs_root runs/study --figure docs/figures/raptor_study.png $(ARGS)
+
 test: $(STAMP)  ## fast test tier (what CI runs)
 	$(BIN)/python -m pytest -q
 

@@ -1,12 +1,12 @@
 """Small-scale study: how the teacher's stochastic-depth rate shapes its phases and Raptor's fit.
 
-For each drop_path_rate, train a vit teacher on the default data (through the raptor task, which trains
-its teacher when missing), distil it with k = 2 and collect teacher accuracy, the phase contrast (mean
-within-phase minus mean cross-phase similarity), Raptor's fidelity R^2 and the probe ratio. Writes a
-markdown table and a plot, and prints the table:
+For each drop_path_rate, train a vit teacher on the default data, distil it with the raptor task
+(k = 2) and collect teacher accuracy, the phase contrast (mean within-phase minus mean cross-phase
+similarity), Raptor's fidelity R^2 and the probe ratio. Writes a markdown table (runs_root/study.md)
+and a plot, and prints the table:
 
-    .venv/bin/python -m lightning_modules.raptor.study --runs_root runs/study
-    make study TASK=raptor
+    make study
+    .venv/bin/python -m lightning_modules.raptor.study --runs_root runs/study --teacher_args "..."
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import json
 import logging
 import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 from scipy.stats import spearmanr
@@ -38,39 +36,50 @@ COLUMNS = [
 ]
 
 
+def run_cli(args: list[str]) -> None:
+    """Run one dynlab command in this process (imports are paid once for the whole study)."""
+    import cli
+
+    os.environ.pop(cli.RUN_NAME_ENV, None)
+    cli.main(args)
+
+
 def run_pipeline(rate: float, runs_root: Path, raptor_args: list[str], teacher_args: list[str]) -> dict:
-    """Run the raptor task (teacher first) for one drop-path rate and return its numbers."""
+    """Train the teacher for one drop-path rate, distil it with the raptor task, and return the numbers."""
     name = f"dp{rate:.1f}"
+    configs = REPO_ROOT / "configs"
     teacher_dir = runs_root / "vit" / name
+    common = [f"--runs_root={runs_root}", f"--run_name={name}", "--trainer.enable_progress_bar=false"]
+    if not (teacher_dir / "metrics.json").is_file():
+        log.info("training the teacher with drop_path_rate=%s into %s", rate, teacher_dir)
+        run_cli(
+            [
+                "fit",
+                "--config",
+                str(configs / "base.yaml"),
+                "--config",
+                str(configs / "tasks" / "vit.yaml"),
+                *common,
+                f"--model.init_args.drop_path_rate={rate}",
+                *teacher_args,
+            ]
+        )
     raptor_metrics = runs_root / "raptor" / name / "metrics.json"
     if not raptor_metrics.is_file():
-        command = [
-            sys.executable,
-            "-m",
-            "cli",
-            "fit",
-            "--config",
-            str(REPO_ROOT / "configs" / "base.yaml"),
-            "--config",
-            str(REPO_ROOT / "configs" / "tasks" / "raptor.yaml"),
-            f"--runs_root={runs_root}",
-            f"--run_name={name}",
-            "--trainer.enable_progress_bar=false",
-            f"--model.init_args.teacher={teacher_dir}",
-            "--model.init_args.teacher_train_args="
-            + json.dumps(
-                [
-                    f"--model.init_args.drop_path_rate={rate}",
-                    "--trainer.enable_progress_bar=false",
-                    *teacher_args,
-                ]
-            ),
-            *raptor_args,
-        ]
-        log.info("running %s", " ".join(command))
-        env = dict(os.environ)
-        env.pop("DYNLAB_RUN_NAME", None)
-        subprocess.run(command, cwd=str(REPO_ROOT), env=env, check=True)
+        log.info("distilling the teacher with drop_path_rate=%s", rate)
+        run_cli(
+            [
+                "fit",
+                "--config",
+                str(configs / "base.yaml"),
+                "--config",
+                str(configs / "tasks" / "raptor.yaml"),
+                *common,
+                f"--model.init_args.teacher={teacher_dir}",
+                "--model.init_args.train_teacher=false",
+                *raptor_args,
+            ]
+        )
     report = json.loads(raptor_metrics.read_text())["report"]
     teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
     row = {"drop_path_rate": rate, "teacher_acc": teacher_metrics["test"].get("test/acc", float("nan"))}
