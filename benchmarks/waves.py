@@ -2,7 +2,7 @@
 
 Figures (all measured in this process unless noted):
 - images/s of `trainer.fit` on fixed batches against a bare PyTorch loop (forward, cross-entropy,
-  backward, Adam) on the same model and batches, timed in alternation; the ratio is the framework cost;
+  backward, Adam) on the same model and batches, timed in alternation. The ratio is the framework cost.
 - the wave cell's achieved memory traffic during a forward + backward rollout, counting the bytes an ideal
   fused kernel must move (see `ideal_rollout_bytes`), against `copy_bandwidth_gbs()` measured in the same run;
 - training images/s of the full model with the fast cell and with a naive step-by-step autograd cell at the
@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from benchmarks.common import BenchRow, copy_bandwidth_gbs, interleaved_medians
 from lightning_modules.waves import WaveSegmenter
@@ -78,7 +79,7 @@ def lightning_vs_bare(quick: bool) -> list[BenchRow]:
         trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                           accelerator="cpu", devices=1)
-        trainer.fit(model, train_dataloaders=batches)
+        trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))  # yields the fixed batches
 
     times = interleaved_medians({"lightning": lightning_epoch, "bare": lambda: bare_epoch(bare_model, optimizer, batches)},
                                 warmup=1, repeats=3 if quick else 5)
@@ -94,9 +95,12 @@ def lightning_vs_bare(quick: bool) -> list[BenchRow]:
 
 
 def ideal_rollout_bytes(batch: int, channels: int, size: int, steps: int) -> int:
-    """Bytes an ideal fused rollout must move: per step 6 state-sized fp32 tensors forward (read y, z,
-    omega, alpha; write y, z) and 12 backward (read y, z, omega, alpha, the incoming gradient and both
-    adjoints, write both adjoints and update the omega, alpha gradients; the recomputed z is 2 more)."""
+    """Return the bytes an ideal fused rollout must move, a lower bound on the real traffic.
+
+    Per step the forward reads y, z, omega and alpha and writes y and z: 6 state-sized fp32 tensors. The
+    backward reads y, z, omega, alpha, the incoming gradient and both adjoints, writes both adjoints and
+    updates the omega and alpha gradients (12), and recomputes z (2 more): 14 tensors.
+    """
     state = batch * channels * size * size * 4
     return (6 + 14) * steps * state
 

@@ -128,7 +128,7 @@ def generate_tetrominoes(
         width = widths_table[labels, rotation, mirror] * block_scale
 
         # Rejection sampling of the top-left corner, all images at once: a summed-area table of the
-        # occupancy tells in O(1) whether a bounding box is still empty.
+        # occupancy gives in O(1) whether a bounding box is still empty.
         occupied = (masks[rows] > 0).astype(np.int32)
         summed = np.zeros((rows.size, canvas_size + 1, canvas_size + 1), dtype=np.int32)
         summed[:, 1:, 1:] = occupied.cumsum(1).cumsum(2)

@@ -83,41 +83,42 @@ class WaveRollout(torch.autograd.Function):
         grad_alpha = torch.zeros_like(alpha)
         grad_weight = torch.zeros_like(weight)
 
-        def position_at(t: int) -> torch.Tensor:
-            return y0 if t == 0 else positions[t - 1]
-
         n_chunks = math.ceil(steps / chunk)
         for index in reversed(range(n_chunks)):
             start, stop = index * chunk, min((index + 1) * chunk, steps)
+            length = stop - start
             # Recompute z_start .. z_{stop-1} and the coupling forces of this chunk from the stored positions.
-            chunk_positions = torch.stack([position_at(t) for t in range(start, stop)])
+            if start > 0:
+                chunk_positions = positions[start - 1:stop - 1]  # a view: y_start .. y_{stop-1}
+            else:
+                chunk_positions = torch.cat([y0[None], positions[: stop - 1]])
             flat = chunk_positions.flatten(0, 1)
             forces = circular_conv3x3(flat, weight).tanh_().view_as(chunk_positions)
-            velocities = [snapshots[index]]
-            for offset in range(stop - start - 1):
-                velocity = velocities[-1] * damping
-                velocity.add_(forces[offset], alpha=dt).addcmul_(stiffness, chunk_positions[offset], value=-1.0)
-                velocities.append(velocity)
+            velocities = torch.empty_like(chunk_positions)
+            velocities[0] = snapshots[index]
+            for offset in range(length - 1):
+                torch.mul(velocities[offset], damping, out=velocities[offset + 1])
+                velocities[offset + 1].add_(forces[offset], alpha=dt).addcmul_(
+                    stiffness, chunk_positions[offset], value=-1.0
+                )
+            # dt * tanh'(W * y_t) for the whole chunk at once, reused in place for the pre-activation grads.
+            slopes = forces.square_().sub_(1.0).mul_(-dt)
+            velocity_grads = torch.empty_like(chunk_positions)  # dL/dz_{t+1} of each step in the chunk
 
-            pre_activation_grads = torch.empty_like(chunk_positions)
-            for offset in reversed(range(stop - start)):
-                t = start + offset
-                grad_y.add_(grad_positions[t])
-                grad_z_total = grad_z.add_(grad_y, alpha=dt)  # y_{t+1} = y_t + dt z_{t+1}
-                grad_omega.addcmul_(chunk_positions[offset], grad_z_total, value=-dt)
-                grad_alpha.addcmul_(velocities[offset], grad_z_total, value=-dt)
-                force = forces[offset]
-                grad_pre = pre_activation_grads[offset]
-                torch.mul(force, force, out=grad_pre)
-                grad_pre.sub_(1.0).mul_(grad_z_total).mul_(-dt)  # dt * gz * (1 - tanh^2)
-                grad_y.addcmul_(stiffness, grad_z_total, value=-1.0)
+            for offset in reversed(range(length)):
+                grad_y.add_(grad_positions[start + offset])
+                grad_z.add_(grad_y, alpha=dt)  # y_{t+1} = y_t + dt z_{t+1}
+                velocity_grads[offset].copy_(grad_z)
+                grad_pre = slopes[offset].mul_(grad_z)
+                grad_y.addcmul_(stiffness, grad_z, value=-1.0)
                 grad_y.add_(circular_conv3x3(grad_pre, transposed))
-                grad_z = grad_z_total.mul_(damping)
+                grad_z.mul_(damping)
 
+            # The omega and alpha terms of z_{t+1} give their gradients summed over the chunk's steps.
+            grad_omega.sub_((chunk_positions * velocity_grads).sum(0), alpha=dt)
+            grad_alpha.sub_((velocities * velocity_grads).sum(0), alpha=dt)
             grad_weight += torch.nn.grad.conv2d_weight(
-                F.pad(flat, (1, 1, 1, 1), mode="circular"),
-                weight.shape,
-                pre_activation_grads.flatten(0, 1),
+                F.pad(flat, (1, 1, 1, 1), mode="circular"), weight.shape, slopes.flatten(0, 1)
             )
         return grad_y, grad_omega, grad_alpha, grad_weight, None, None, None
 
