@@ -254,7 +254,7 @@ def test_mismatched_weights_file_is_rejected(tmp_path):
 
 
 def test_missing_teacher_run_without_training(tmp_path):
-    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="contains no checkpoint"):
         make(teacher=str(tmp_path / "vit" / "none"), train_teacher=False)
 
 

@@ -41,7 +41,7 @@ def run_cli(args: list[str]) -> None:
     import cli
 
     os.environ.pop(cli.RUN_NAME_ENV, None)
-    cli.main(args)
+    cli.run(args)
 
 
 def run_pipeline(rate: float, runs_root: Path, raptor_args: list[str], teacher_args: list[str]) -> dict:

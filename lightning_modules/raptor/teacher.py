@@ -2,9 +2,9 @@
 
 `teacher` is read as
 - a path ending in `.ckpt`: a checkpoint of the `vit` task;
-- a run folder of the `vit` task (a path with a `/`, or an existing folder): its best checkpoint, and
-  when the folder has none and training is allowed, the `vit` task is trained into it first through
-  the dynlab CLI in a child process;
+- a run folder of the `vit` task (a path with a `/`, or an existing folder): its best checkpoint. When
+  the folder has none and training is allowed, the `vit` task is first trained into it through the
+  dynlab CLI in a child process;
 - anything else: a timm model name, built with `pretrained` (hub download) or with `weights`, a local
   state-dict file (.pth / .pt / .bin / .safetensors).
 """
@@ -96,7 +96,7 @@ def find_or_train_teacher(
         checkpoint = best_checkpoint(run_dir)
         if checkpoint is None:
             raise FileNotFoundError(
-                f"teacher run folder {run_dir} holds no checkpoint: train it with `make train TASK=vit "
+                f"teacher run folder {run_dir} contains no checkpoint: train it with `make train TASK=vit "
                 f"ARGS=--run_name={run_dir.name}` or set --model.init_args.train_teacher=true."
             )
         if not (run_dir / "metrics.json").is_file():
@@ -163,7 +163,7 @@ def load_weights_file(model: nn.Module, path: str) -> None:
     elif isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise ValueError(f"teacher weights file {file} holds a {type(state).__name__}, not a state dict.")
+        raise ValueError(f"teacher weights file {file} contains a {type(state).__name__}, not a state dict.")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("head.")]
     if missing or result.unexpected_keys:
@@ -228,9 +228,10 @@ def build_teacher(
         if image_size is not None and "img_size" not in kwargs:
             kwargs["img_size"] = image_size
         model = build_timm_teacher(teacher, pretrained, weights, kwargs)
-        source = f"timm:{teacher}" + (
-            f" weights={weights}" if weights else (" pretrained" if pretrained else " random")
-        )
+        if weights:
+            source = f"timm:{teacher} weights={weights}"
+        else:
+            source = f"timm:{teacher} {'pretrained' if pretrained else 'random'}"
     model = check_vit(model)
     expected = model.patch_embed.img_size
     if image_size is not None and tuple(expected) != (image_size, image_size) and not model.dynamic_img_size:
