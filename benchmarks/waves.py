@@ -30,8 +30,10 @@ from lightning_modules.waves.cell import WaveRollout, circular_conv3x3
 TASK = "waves"
 # Published code, full training step, 2-core AMD EPYC, torch 2.14.1, 2 threads, batch 64 (images/s).
 REFERENCE_IMAGES_PER_S = {"T=100, MLP 256^3": 6.2, "T=50, MLP 64^3": 19.2}
-CONFIGS = {"T=100, MLP 256^3": dict(steps=100, head_widths=[256, 256, 256]),
-           "T=50, MLP 64^3": dict(steps=50, head_widths=[64, 64, 64])}
+CONFIGS = {
+    "T=100, MLP 256^3": dict(steps=100, head_widths=[256, 256, 256]),
+    "T=50, MLP 64^3": dict(steps=50, head_widths=[64, 64, 64]),
+}
 
 
 def naive_rollout(y0, omega, alpha, weight, steps: int, dt: float) -> torch.Tensor:
@@ -47,14 +49,21 @@ def naive_rollout(y0, omega, alpha, weight, steps: int, dt: float) -> torch.Tens
 
 def use_naive_cell(model: WaveSegmenter) -> WaveSegmenter:
     cell = model.net.cell
-    cell.forward = lambda y0, omega, alpha: naive_rollout(y0, omega, alpha, cell.coupling, cell.steps, cell.dt)
+    cell.forward = lambda y0, omega, alpha: naive_rollout(
+        y0, omega, alpha, cell.coupling, cell.steps, cell.dt
+    )
     return model
 
 
 def make_batches(n: int, batch: int, size: int, channels: int = 3, classes: int = 6, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.rand(batch, channels, size, size, generator=generator),
-             torch.randint(0, classes, (batch, size, size), generator=generator)) for _ in range(n)]
+    return [
+        (
+            torch.rand(batch, channels, size, size, generator=generator),
+            torch.randint(0, classes, (batch, size, size), generator=generator),
+        )
+        for _ in range(n)
+    ]
 
 
 def bare_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches) -> None:
@@ -76,21 +85,38 @@ def lightning_vs_bare(quick: bool) -> list[BenchRow]:
     optimizer = torch.optim.Adam(bare_model.parameters(), lr=1e-3)
 
     def lightning_epoch():
-        trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                          accelerator="cpu", devices=1)
+        trainer = Trainer(
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            accelerator="cpu",
+            devices=1,
+        )
         trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))  # yields the fixed batches
 
-    times = interleaved_medians({"lightning": lightning_epoch, "bare": lambda: bare_epoch(bare_model, optimizer, batches)},
-                                warmup=1, repeats=3 if quick else 5)
+    times = interleaved_medians(
+        {"lightning": lightning_epoch, "bare": lambda: bare_epoch(bare_model, optimizer, batches)},
+        warmup=1,
+        repeats=3 if quick else 5,
+    )
     images = batch * len(batches)
     lightning_rate, bare_rate = images / times["lightning"], images / times["bare"]
     setting = f"T=40, MLP 64^3, {size}x{size}, batch {batch}, {len(batches)} batches per fit"
     return [
         BenchRow(TASK, "Lightning fit throughput", lightning_rate, "img/s", note=setting),
         BenchRow(TASK, "bare PyTorch loop throughput", bare_rate, "img/s", note=setting),
-        BenchRow(TASK, "Lightning / bare throughput", lightning_rate / bare_rate, "ratio", goal=">= 0.95",
-                 note="Trainer start-up is included in every fit"),
+        BenchRow(
+            TASK,
+            "Lightning / bare throughput",
+            lightning_rate / bare_rate,
+            "ratio",
+            goal=">= 0.95",
+            note="Trainer start-up is included in every fit",
+        ),
     ]
 
 
@@ -130,10 +156,21 @@ def cell_traffic(quick: bool) -> list[BenchRow]:
     setting = f"B={batch}, C={channels}, {size}x{size}, T={steps}, forward + backward"
     return [
         BenchRow(TASK, "copy bandwidth", bandwidth, "GB/s", note="one large tensor copy, read + write"),
-        BenchRow(TASK, "wave cell memory traffic", achieved, "GB/s", reference=f"{bandwidth:.1f} GB/s copy",
-                 note=f"{achieved / bandwidth:.1%} of copy bandwidth; {setting}"),
-        BenchRow(TASK, "wave cell fwd+bwd speed-up over naive autograd cell", times["naive"] / times["fast"], "x",
-                 note=setting),
+        BenchRow(
+            TASK,
+            "wave cell memory traffic",
+            achieved,
+            "GB/s",
+            reference=f"{bandwidth:.1f} GB/s copy",
+            note=f"{achieved / bandwidth:.1%} of copy bandwidth; {setting}",
+        ),
+        BenchRow(
+            TASK,
+            "wave cell fwd+bwd speed-up over naive autograd cell",
+            times["naive"] / times["fast"],
+            "x",
+            note=setting,
+        ),
     ]
 
 
@@ -172,22 +209,33 @@ def fast_vs_naive(quick: bool) -> list[BenchRow]:
     context = multiprocessing.get_context("spawn")
     for config, reference in REFERENCE_IMAGES_PER_S.items():
         data = make_batches(1, batch, 64)[0]
-        steps = {"fast": training_step_fn(build_model(config, False), data),
-                 "naive": training_step_fn(build_model(config, True), data)}
+        steps = {
+            "fast": training_step_fn(build_model(config, False), data),
+            "naive": training_step_fn(build_model(config, True), data),
+        }
         times = interleaved_medians(steps, warmup=1, repeats=1 if quick else 3)
         fast_rate, naive_rate = batch / times["fast"], batch / times["naive"]
         memory = {}
         if not quick:
             with context.Pool(1) as pool:
                 for name in ("fast", "naive"):
-                    memory[name] = pool.apply(peak_memory_of_step, (config, name == "naive", batch,
-                                                                   torch.get_num_threads()))
+                    memory[name] = pool.apply(
+                        peak_memory_of_step, (config, name == "naive", batch, torch.get_num_threads())
+                    )
         note = f"batch {batch}, 64x64 RGB, linear readout; naive autograd cell {naive_rate:.2f} img/s"
         if memory:
             note += f"; peak RSS fast {memory['fast']:.0f} MiB, naive {memory['naive']:.0f} MiB"
-        rows.append(BenchRow(TASK, f"training {config}", fast_rate, "img/s",
-                             reference=f"{reference} img/s (published code, batch 64)",
-                             goal=f">= {3 * reference:.1f} img/s", note=note))
+        rows.append(
+            BenchRow(
+                TASK,
+                f"training {config}",
+                fast_rate,
+                "img/s",
+                reference=f"{reference} img/s (published code, batch 64)",
+                goal=f">= {3 * reference:.1f} img/s",
+                note=note,
+            )
+        )
     return rows
 
 

@@ -30,7 +30,11 @@ def state_frames(states: np.ndarray, images: np.ndarray, masks: np.ndarray, scal
     steps = states.shape[0]
     limit = float(np.abs(states).max()) or 1.0
     wave_map, label_map = colormaps["RdBu_r"], colormaps["tab10"]
-    inputs = (images.transpose(0, 2, 3, 1) if images.shape[1] == 3 else np.repeat(images.transpose(0, 2, 3, 1), 3, -1))
+    inputs = (
+        images.transpose(0, 2, 3, 1)
+        if images.shape[1] == 3
+        else np.repeat(images.transpose(0, 2, 3, 1), 3, -1)
+    )
     labels = label_map(masks % 10)[..., :3]
     frames = []
     for t in range(steps):
@@ -52,8 +56,14 @@ class WaveMovie(Callback):
         scale: pixel upscaling of the GIF frames.
     """
 
-    def __init__(self, num_images: int = 4, every_n_epochs: int = 0, channel: int = 0, frame_ms: int = 80,
-                 scale: int = 3):
+    def __init__(
+        self,
+        num_images: int = 4,
+        every_n_epochs: int = 0,
+        channel: int = 0,
+        frame_ms: int = 80,
+        scale: int = 3,
+    ):
         self.num_images, self.every_n_epochs, self.channel = num_images, every_n_epochs, channel
         self.frame_ms, self.scale = frame_ms, scale
 
@@ -131,8 +141,10 @@ class WaveMovie(Callback):
         for logger in loggers:
             import wandb
 
-            logger.experiment.log({
-                "waves/movie": wandb.Video(str(movie), format="gif"),
-                "waves/spectrum": wandb.Image(str(spectrum)),
-                "trainer/global_step": trainer.global_step,
-            })
+            logger.experiment.log(
+                {
+                    "waves/movie": wandb.Video(str(movie)),
+                    "waves/spectrum": wandb.Image(str(spectrum)),
+                    "trainer/global_step": trainer.global_step,
+                }
+            )

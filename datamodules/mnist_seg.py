@@ -50,7 +50,7 @@ def read_idx(path: Path) -> np.ndarray:
     if data[:2] != b"\x00\x00" or data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()}).")
     n_dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(n_dims))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(n_dims))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * n_dims).reshape(shape)
 
 
@@ -70,7 +70,9 @@ def load_mnist(folders: list[Path]) -> dict[str, np.ndarray]:
             copy = datasets.load_from_disk(str(folder))
             arrays = {}
             for split in ("train", "test"):
-                arrays[f"{split}_images"] = np.stack([np.asarray(image, dtype=np.uint8) for image in copy[split]["image"]])
+                arrays[f"{split}_images"] = np.stack(
+                    [np.asarray(image, dtype=np.uint8) for image in copy[split]["image"]]
+                )
                 arrays[f"{split}_labels"] = np.asarray(copy[split]["label"], dtype=np.uint8)
             return arrays
         paths = {key: find_idx_file(folder, stem) for key, stem in IDX_FILES.items()}
@@ -79,7 +81,8 @@ def load_mnist(folders: list[Path]) -> dict[str, np.ndarray]:
     searched = ", ".join(str(f) for f in folders)
     raise FileNotFoundError(
         f"MNIST files not found in {searched}: put the four IDX files ({', '.join(IDX_FILES.values())}, "
-        "optionally .gz) or a Hugging Face `datasets` copy saved with save_to_disk into one of these folders, "
+        "optionally .gz) or a Hugging Face `datasets` copy saved with save_to_disk into one of these "
+        "folders, "
         "or pass --data.init_args.mnist_dir=<folder>."
     )
 
@@ -88,8 +91,10 @@ def upsample_digits(images: np.ndarray, size: int, batch: int = 4096) -> np.ndar
     """Bilinear resize (align_corners=False) of uint8 (N, 28, 28) to float32 (N, size, size), values kept."""
     out = np.empty((images.shape[0], size, size), dtype=np.float32)
     for start in range(0, images.shape[0], batch):
-        chunk = torch.from_numpy(images[start:start + batch].astype(np.float32))[:, None]
-        out[start:start + batch] = F.interpolate(chunk, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+        chunk = torch.from_numpy(images[start : start + batch].astype(np.float32))[:, None]
+        out[start : start + batch] = F.interpolate(
+            chunk, size=(size, size), mode="bilinear", align_corners=False
+        )[:, 0].numpy()
     return out
 
 
@@ -135,16 +140,25 @@ class _MNISTBase(LightningDataModule):
             self.splits[split] = ArrayDataset(images, masks)
 
     def train_dataloader(self):
-        return make_loader(self.splits["train"], self.batch_size, shuffle=True, seed=self.seed, drop_last=True,
-                           num_workers=self.num_workers, split="train")
+        return make_loader(
+            self.splits["train"],
+            self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=True,
+            num_workers=self.num_workers,
+            split="train",
+        )
 
     def val_dataloader(self):
-        return make_loader(self.splits["val"], self.batch_size, shuffle=False, num_workers=self.num_workers,
-                           split="val")
+        return make_loader(
+            self.splits["val"], self.batch_size, shuffle=False, num_workers=self.num_workers, split="val"
+        )
 
     def test_dataloader(self):
-        return make_loader(self.splits["test"], self.batch_size, shuffle=False, num_workers=self.num_workers,
-                           split="test")
+        return make_loader(
+            self.splits["test"], self.batch_size, shuffle=False, num_workers=self.num_workers, split="test"
+        )
 
 
 class MNISTSegDataModule(_MNISTBase):
@@ -161,8 +175,15 @@ class MNISTSegDataModule(_MNISTBase):
 
     image_size = 56
 
-    def __init__(self, data_dir: str | None = None, mnist_dir: str | None = None, seed: int = 42,
-                 subset: int | None = None, batch_size: int = 64, num_workers: int = 0):
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        mnist_dir: str | None = None,
+        seed: int = 42,
+        subset: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ):
         super().__init__(data_dir, mnist_dir, seed, subset, batch_size, num_workers)
         self.save_hyperparameters()
 
@@ -185,8 +206,15 @@ class MNISTSegDataModule(_MNISTBase):
         return out
 
 
-def compose_multi_mnist(n_images: int, digits: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-                        canvas_size: int = 128, digit_size: int = 42, max_tries: int = 200):
+def compose_multi_mnist(
+    n_images: int,
+    digits: np.ndarray,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    canvas_size: int = 128,
+    digit_size: int = 42,
+    max_tries: int = 200,
+):
     """Draw `n_images` canvases: binary images (N, S, S) uint8, masks (N, S, S) uint8, digits placed (N,)."""
     images = np.zeros((n_images, canvas_size, canvas_size), dtype=np.uint8)
     masks = np.zeros((n_images, canvas_size, canvas_size), dtype=np.uint8)
@@ -198,10 +226,10 @@ def compose_multi_mnist(n_images: int, digits: np.ndarray, labels: np.ndarray, r
             shape = digits[pick]  # bool (digit_size, digit_size)
             for _ in range(max_tries):
                 r, q = rng.integers(0, span, size=2)
-                window = masks[index, r:r + digit_size, q:q + digit_size]
+                window = masks[index, r : r + digit_size, q : q + digit_size]
                 if not (window[shape] > 0).any():
                     window[shape] = labels[pick] + 1
-                    images[index, r:r + digit_size, q:q + digit_size][shape] = 1
+                    images[index, r : r + digit_size, q : q + digit_size][shape] = 1
                     placed[index] += 1
                     break
     return images, masks, placed
@@ -223,16 +251,27 @@ class MultiMNISTDataModule(_MNISTBase):
 
     image_size = 128
 
-    def __init__(self, data_dir: str | None = None, mnist_dir: str | None = None, seed: int = 50,
-                 n_train: int = 10_000, n_val: int = 1_000, n_test: int = 1_000, subset: int | None = None,
-                 batch_size: int = 64, num_workers: int = 0):
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        mnist_dir: str | None = None,
+        seed: int = 50,
+        n_train: int = 10_000,
+        n_val: int = 1_000,
+        n_test: int = 1_000,
+        subset: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ):
         super().__init__(data_dir, mnist_dir, seed, subset, batch_size, num_workers)
         self.save_hyperparameters()
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
 
     def build(self):
-        cache = self.data_dir / "multi_mnist" / (
-            f"n{self.sizes['train']}-{self.sizes['val']}-{self.sizes['test']}_seed{self.seed}.npz"
+        cache = (
+            self.data_dir
+            / "multi_mnist"
+            / (f"n{self.sizes['train']}-{self.sizes['val']}-{self.sizes['test']}_seed{self.seed}.npz")
         )
         if not cache.is_file():
             mnist = load_mnist(self.mnist_folders())

@@ -51,9 +51,26 @@ def polygon_vertices(label: int, radius: float, angle: float) -> np.ndarray:
         radii = np.where(np.arange(10) % 2 == 0, radius, 0.45 * radius)
         return radii[:, None] * np.stack([np.cos(theta), np.sin(theta)], 1)
     if label == 6:
-        a, h = radius / math.sqrt(1 + 0.25**2), 0.25 * radius / math.sqrt(1 + 0.25**2)  # arm tip corners on the circle
-        corners = np.array([[a, -h], [a, h], [h, h], [h, a], [-h, a], [-h, h], [-a, h], [-a, -h], [-h, -h],
-                            [-h, -a], [h, -a], [h, -h]])
+        a, h = (
+            radius / math.sqrt(1 + 0.25**2),
+            0.25 * radius / math.sqrt(1 + 0.25**2),
+        )  # arm tip corners on the circle
+        corners = np.array(
+            [
+                [a, -h],
+                [a, h],
+                [h, h],
+                [h, a],
+                [-h, a],
+                [-h, h],
+                [-a, h],
+                [-a, -h],
+                [-h, -h],
+                [-h, -a],
+                [h, -a],
+                [h, -h],
+            ]
+        )
         rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
         return corners @ rotation.T
     raise ValueError(f"polygon class {label} is invalid: use 1..6.")
@@ -72,12 +89,19 @@ def grow(mask: np.ndarray) -> np.ndarray:
     out = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), dtype=bool)
     for dr in range(3):
         for dc in range(3):
-            out |= padded[dr:dr + out.shape[0], dc:dc + out.shape[1]]
+            out |= padded[dr : dr + out.shape[0], dc : dc + out.shape[1]]
     return out
 
 
-def generate_polygons(n_images: int, rng: np.random.Generator, size: int = 32, max_shapes: int = 3,
-                      min_radius: float = 5.0, max_radius: float = 9.0, variant: str = "mixed"):
+def generate_polygons(
+    n_images: int,
+    rng: np.random.Generator,
+    size: int = 32,
+    max_shapes: int = 3,
+    min_radius: float = 5.0,
+    max_radius: float = 9.0,
+    variant: str = "mixed",
+):
     """Draw images (N, S, S) float32 in [0, 1] and masks (N, S, S) uint8.
 
     Each shape is rasterized once on a local square of side ceil(2 r) + 1 around a random sub-pixel
@@ -101,10 +125,10 @@ def generate_polygons(n_images: int, rng: np.random.Generator, size: int = 32, m
             halo = grow(shape)
             for _ in range(MAX_TRIES):
                 r, q = rng.integers(0, size - side + 1, size=2)
-                if not (halo & (padded_masks[r:r + side + 2, q:q + side + 2] > 0)).any():
-                    masks[index, r:r + side, q:q + side][shape] = label
-                    images[index, r:r + side, q:q + side][shape] = intensity
-                    padded_masks[r + 1:r + side + 1, q + 1:q + side + 1][shape] = label
+                if not (halo & (padded_masks[r : r + side + 2, q : q + side + 2] > 0)).any():
+                    masks[index, r : r + side, q : q + side][shape] = label
+                    images[index, r : r + side, q : q + side][shape] = intensity
+                    padded_masks[r + 1 : r + side + 1, q + 1 : q + side + 1][shape] = label
                     break
     return images, masks
 
@@ -140,10 +164,22 @@ class PolygonsDataModule(LightningDataModule):
     num_classes = len(CLASS_NAMES)
     in_channels = 1
 
-    def __init__(self, data_dir: str | None = None, image_size: int = 32, max_shapes: int = 3,
-                 min_radius: float = 5.0, max_radius: float = 9.0, variant: str = "mixed", n_train: int = 10_000,
-                 n_val: int = 1_000, n_test: int = 1_000, seed: int = 7, subset: int | None = None,
-                 batch_size: int = 64, num_workers: int = 0):
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        image_size: int = 32,
+        max_shapes: int = 3,
+        min_radius: float = 5.0,
+        max_radius: float = 9.0,
+        variant: str = "mixed",
+        n_train: int = 10_000,
+        n_val: int = 1_000,
+        n_test: int = 1_000,
+        seed: int = 7,
+        subset: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is invalid: choose one of {', '.join(VARIANTS)}.")
@@ -160,8 +196,10 @@ class PolygonsDataModule(LightningDataModule):
     @property
     def cache_file(self) -> Path:
         h = self.hparams
-        name = (f"{h.variant}_s{h.image_size}_k{h.max_shapes}_r{h.min_radius:g}-{h.max_radius:g}"
-                f"_n{h.n_train}-{h.n_val}-{h.n_test}_seed{h.seed}.npz")
+        name = (
+            f"{h.variant}_s{h.image_size}_k{h.max_shapes}_r{h.min_radius:g}-{h.max_radius:g}"
+            f"_n{h.n_train}-{h.n_val}-{h.n_test}_seed{h.seed}.npz"
+        )
         return self.data_dir / "polygons" / name
 
     def prepare_data(self) -> None:
@@ -192,14 +230,24 @@ class PolygonsDataModule(LightningDataModule):
 
     def train_dataloader(self):
         h = self.hparams
-        return make_loader(self.splits["train"], h.batch_size, shuffle=True, seed=h.seed, drop_last=True,
-                           num_workers=h.num_workers, split="train")
+        return make_loader(
+            self.splits["train"],
+            h.batch_size,
+            shuffle=True,
+            seed=h.seed,
+            drop_last=True,
+            num_workers=h.num_workers,
+            split="train",
+        )
 
     def val_dataloader(self):
         h = self.hparams
-        return make_loader(self.splits["val"], h.batch_size, shuffle=False, num_workers=h.num_workers, split="val")
+        return make_loader(
+            self.splits["val"], h.batch_size, shuffle=False, num_workers=h.num_workers, split="val"
+        )
 
     def test_dataloader(self):
         h = self.hparams
-        return make_loader(self.splits["test"], h.batch_size, shuffle=False, num_workers=h.num_workers,
-                           split="test")
+        return make_loader(
+            self.splits["test"], h.batch_size, shuffle=False, num_workers=h.num_workers, split="test"
+        )

@@ -95,7 +95,10 @@ def block_pattern(block_scale: int) -> np.ndarray:
 
 
 def generate_tetrominoes(
-    n_images: int, rng: np.random.Generator, canvas_size: int = 64, block_scale: int = 7,
+    n_images: int,
+    rng: np.random.Generator,
+    canvas_size: int = 64,
+    block_scale: int = 7,
     return_pieces: bool = False,
 ):
     """Draw `n_images` images (N, S, S, 3) uint8 and masks (N, S, S) uint8, vectorised over images.
@@ -149,12 +152,23 @@ def generate_tetrominoes(
             pending = pending[~free]
         if pending.size:
             # Only tiny canvases get here: drop the pieces that found no free box.
-            log.warning("dropped %d of %d pieces that found no free position in %d tries (canvas %d px)",
-                        pending.size, rows.size, MAX_PLACEMENT_ROUNDS, canvas_size)
+            log.warning(
+                "dropped %d of %d pieces that found no free position in %d tries (canvas %d px)",
+                pending.size,
+                rows.size,
+                MAX_PLACEMENT_ROUNDS,
+                canvas_size,
+            )
             piece_labels[rows[pending], slot] = 0
             keep = np.ones(rows.size, dtype=bool)
             keep[pending] = False
-            rows, labels, rotation, mirror, colour = rows[keep], labels[keep], rotation[keep], mirror[keep], colour[keep]
+            rows, labels, rotation, mirror, colour = (
+                rows[keep],
+                labels[keep],
+                rotation[keep],
+                mirror[keep],
+                colour[keep],
+            )
             top, left = top[keep], left[keep]
 
         # Paint: expand each piece's 4 x 4 block mask to pixels and write label and colours.
@@ -190,7 +204,7 @@ class TetrominoesDataset(Dataset):
         index = torch.as_tensor(indices, dtype=torch.long)
         images = self.images[index].permute(0, 3, 1, 2).float().div_(255.0)
         masks = self.masks[index].long()
-        return list(zip(images, masks))
+        return list(zip(images, masks, strict=True))
 
 
 def image_digests(images: np.ndarray) -> set[bytes]:
@@ -230,7 +244,9 @@ class TetrominoesDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if block_scale < 1:
-            raise ValueError(f"block_scale={block_scale} is invalid: use a positive number of pixels per block.")
+            raise ValueError(
+                f"block_scale={block_scale} is invalid: use a positive number of pixels per block."
+            )
         if canvas_size <= 4 * block_scale:
             raise ValueError(
                 f"canvas_size={canvas_size} is too small for block_scale={block_scale}: use a canvas larger "
@@ -281,14 +297,24 @@ class TetrominoesDataModule(LightningDataModule):
 
     def train_dataloader(self):
         h = self.hparams
-        return make_loader(self.splits["train"], h.batch_size, shuffle=True, seed=h.seed, drop_last=True,
-                           num_workers=h.num_workers, split="train")
+        return make_loader(
+            self.splits["train"],
+            h.batch_size,
+            shuffle=True,
+            seed=h.seed,
+            drop_last=True,
+            num_workers=h.num_workers,
+            split="train",
+        )
 
     def val_dataloader(self):
         h = self.hparams
-        return make_loader(self.splits["val"], h.batch_size, shuffle=False, num_workers=h.num_workers, split="val")
+        return make_loader(
+            self.splits["val"], h.batch_size, shuffle=False, num_workers=h.num_workers, split="val"
+        )
 
     def test_dataloader(self):
         h = self.hparams
-        return make_loader(self.splits["test"], h.batch_size, shuffle=False, num_workers=h.num_workers,
-                           split="test")
+        return make_loader(
+            self.splits["test"], h.batch_size, shuffle=False, num_workers=h.num_workers, split="test"
+        )

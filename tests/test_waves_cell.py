@@ -69,7 +69,7 @@ def test_update_order_velocity_first():
 @pytest.mark.parametrize("chunk", [3, 30])
 def test_rollout_matches_reference_with_gradients(chunk):
     y0, omega, alpha = (t.requires_grad_() for t in random_fields(seed=1))
-    weight = (laplacian_kernel(2) + 0.2 * torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(2)))
+    weight = laplacian_kernel(2) + 0.2 * torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(2))
     weight.requires_grad_()
     steps, dt = 23, 0.1
     upstream = torch.randn(steps, 3, 2, 9, 9, generator=torch.Generator().manual_seed(3))
@@ -78,15 +78,23 @@ def test_rollout_matches_reference_with_gradients(chunk):
     ref = reference_rollout(y0, omega, alpha, weight, steps, dt)
     ref_grads = torch.autograd.grad((ref * upstream).sum(), (y0, omega, alpha, weight))
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
-    for fast_grad, ref_grad in zip(fast_grads, ref_grads):
+    for fast_grad, ref_grad in zip(fast_grads, ref_grads, strict=True):
         torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("readout", READOUTS)
 def test_network_matches_reference_cell(readout, monkeypatch):
     torch.manual_seed(0)
-    net = WaveNetwork(in_channels=3, num_classes=6, channels=2, steps=12, dt=0.1, readout=readout,
-                      head_widths=[16, 16], rollout_chunk=5)
+    net = WaveNetwork(
+        in_channels=3,
+        num_classes=6,
+        channels=2,
+        steps=12,
+        dt=0.1,
+        readout=readout,
+        head_widths=[16, 16],
+        rollout_chunk=5,
+    )
     images = torch.rand(2, 3, 10, 10)
     target = torch.randint(0, 6, (2, 10, 10))
 
@@ -94,14 +102,21 @@ def test_network_matches_reference_cell(readout, monkeypatch):
         net.zero_grad()
         logits = net(images)
         torch.nn.functional.cross_entropy(logits, target).backward()
-        return logits.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in net.parameters()]
+        return logits.detach(), [
+            torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in net.parameters()
+        ]
 
     fast_logits, fast_grads = loss_and_grads()
-    monkeypatch.setattr(net.cell, "forward", lambda y0, omega, alpha: reference_rollout(
-        y0, omega, alpha, net.cell.coupling, net.cell.steps, net.cell.dt))
+    monkeypatch.setattr(
+        net.cell,
+        "forward",
+        lambda y0, omega, alpha: reference_rollout(
+            y0, omega, alpha, net.cell.coupling, net.cell.steps, net.cell.dt
+        ),
+    )
     ref_logits, ref_grads = loss_and_grads()
     torch.testing.assert_close(fast_logits, ref_logits, rtol=1e-5, atol=1e-6)
-    for (name, _), fast_grad, ref_grad in zip(net.named_parameters(), fast_grads, ref_grads):
+    for (name, _), fast_grad, ref_grad in zip(net.named_parameters(), fast_grads, ref_grads, strict=True):
         torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
@@ -148,8 +163,9 @@ def test_rollout_bounded_without_restoring_forces():
 @pytest.mark.parametrize("readout", READOUTS)
 def test_cell_readout_head_commute_with_circular_shift(readout):
     torch.manual_seed(0)
-    net = WaveNetwork(in_channels=3, num_classes=6, channels=2, steps=15, dt=0.1, readout=readout,
-                      head_widths=[8])
+    net = WaveNetwork(
+        in_channels=3, num_classes=6, channels=2, steps=15, dt=0.1, readout=readout, head_widths=[8]
+    )
     y0, omega, alpha = random_fields(batch=2, size=11, seed=6)
 
     def logits(fields):
@@ -159,21 +175,27 @@ def test_cell_readout_head_commute_with_circular_shift(readout):
     shift = (3, -4)
     shifted = [torch.roll(f, shift, dims=(2, 3)) for f in (y0, omega, alpha)]
     with torch.no_grad():
-        torch.testing.assert_close(logits(shifted), torch.roll(logits((y0, omega, alpha)), shift, dims=(2, 3)),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            logits(shifted), torch.roll(logits((y0, omega, alpha)), shift, dims=(2, 3)), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_full_model_shift_equivariant_with_circular_encoders():
     torch.manual_seed(0)
-    net = WaveNetwork(in_channels=3, num_classes=6, channels=2, steps=10, dt=0.1, readout="linear",
-                      head_widths=[8])
+    net = WaveNetwork(
+        in_channels=3, num_classes=6, channels=2, steps=10, dt=0.1, readout="linear", head_widths=[8]
+    )
     for module in net.modules():  # test-only switch: circular padding in the encoders
         if isinstance(module, torch.nn.Conv2d):
             module.padding_mode = "circular"
     images = torch.rand(1, 3, 12, 12)
     with torch.no_grad():
-        torch.testing.assert_close(net(torch.roll(images, (2, 5), (2, 3))), torch.roll(net(images), (2, 5), (2, 3)),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            net(torch.roll(images, (2, 5), (2, 3))),
+            torch.roll(net(images), (2, 5), (2, 3)),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_cell_runs_in_float32_under_bf16_autocast():

@@ -62,7 +62,11 @@ def test_readout_shapes_and_values():
     linear = TemporalReadout("linear", 100, 2)
     assert linear.fc_time.bias is None and linear.fc_time.weight.shape == (51, 100)
     torch.testing.assert_close(linear(states)[1 * 30 + 3 * 6 + 4].view(51, 2), linear.fc_time.weight @ pixel)
-    for name, reduce in (("last", lambda s: s[-1]), ("mean", lambda s: s.mean(0)), ("max", lambda s: s.amax(0))):
+    for name, reduce in (
+        ("last", lambda s: s[-1]),
+        ("mean", lambda s: s.mean(0)),
+        ("max", lambda s: s.amax(0)),
+    ):
         torch.testing.assert_close(TemporalReadout(name, 100, 2)(states)[1 * 30 + 3 * 6 + 4], reduce(pixel))
 
 
@@ -82,8 +86,14 @@ def test_nan_loss_stops_training(tmp_path):
     model = WaveSegmenter(steps=3, head_widths=[4])
     images = torch.full((2, 3, 8, 8), float("nan"))
     loader = DataLoader(TensorDataset(images, torch.zeros(2, 8, 8, dtype=torch.long)), batch_size=1)
-    trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(FloatingPointError, match="training loss is nan at epoch 0, step 0"):
         trainer.fit(model, loader)
 
@@ -94,7 +104,9 @@ def test_trajectory_states_and_rollout():
     images = torch.rand(2, 3, 8, 8)
     trajectory = model.trajectory((images, None))
     assert trajectory.states.shape == (2, 7, 64, 2)
-    torch.testing.assert_close(trajectory.states[:, 1:], model.hidden_states(images)[1:].flatten(3).permute(1, 0, 3, 2))
+    torch.testing.assert_close(
+        trajectory.states[:, 1:], model.hidden_states(images)[1:].flatten(3).permute(1, 0, 3, 2)
+    )
     resumed = trajectory.rollout(trajectory.states[:, 2], 2)
     torch.testing.assert_close(resumed, trajectory.states[:, 2:], rtol=1e-5, atol=1e-6)
 
@@ -107,10 +119,13 @@ def test_iou_identity_per_image():
     scores = per_image_scores(logits, target)
     prediction = logits.argmax(1)
     for i in range(6):
-        torch.testing.assert_close(scores["iou"][i], pooled_iou(prediction[i], target[i], 5), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            scores["iou"][i], pooled_iou(prediction[i], target[i], 5), atol=1e-6, rtol=0
+        )
         fg = target[i] != 0
-        torch.testing.assert_close(scores["fg_iou"][i], pooled_iou(prediction[i][fg], target[i][fg], 5),
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            scores["fg_iou"][i], pooled_iou(prediction[i][fg], target[i][fg], 5), atol=1e-6, rtol=0
+        )
         acc = (prediction[i] == target[i]).float().mean()
         torch.testing.assert_close(scores["iou"][i], acc / (2 - acc), atol=1e-6, rtol=0)
 
@@ -132,9 +147,15 @@ def test_metrics_all_background_predictor_and_empty_images():
 
 def test_cli_smoke_run_writes_metrics(run_cli):
     run_dir = run_cli(
-        "fit", "waves", "--config", "configs/presets/smoke.yaml",
-        "--data.init_args.canvas_size=16", "--data.init_args.block_scale=2", "--data.init_args.batch_size=16",
-        "--model.init_args.steps=8", "--model.init_args.head_widths=[16]",
+        "fit",
+        "waves",
+        "--config",
+        "configs/presets/smoke.yaml",
+        "--data.init_args.canvas_size=16",
+        "--data.init_args.block_scale=2",
+        "--data.init_args.batch_size=16",
+        "--model.init_args.steps=8",
+        "--model.init_args.head_widths=[16]",
     )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["test/fg_iou"] <= 1.0

@@ -11,10 +11,10 @@ each diagonal kernel, and z_0 = 0. The rollout records y_1 .. y_T.
 `WaveRollout` is an `autograd.Function` with a hand-written backward pass. The forward writes each new y
 straight into one preallocated time-major buffer (T, B, C, H, W) and keeps only every `chunk`-th velocity
 z. The backward runs the adjoint recurrence in reverse and recomputes the velocities of one chunk at a
-time from the stored positions, so the memory kept for the backward is the position history (which the
-readout needs anyway) plus T / chunk velocity snapshots, instead of the five or six state-sized tensors
-per step that autograd would keep. The weight gradient of the coupling is computed once per chunk with a
-single batched convolution.
+time from the stored positions. The memory kept for the backward is therefore the position history, which
+the readout needs anyway, plus T / chunk velocity snapshots, instead of the five or six state-sized
+tensors per step that autograd would keep. The weight gradient of the coupling is computed once per chunk
+with a single batched convolution.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class WaveRollout(torch.autograd.Function):
             length = stop - start
             # Recompute z_start .. z_{stop-1} and the coupling forces of this chunk from the stored positions.
             if start > 0:
-                chunk_positions = positions[start - 1:stop - 1]  # a view: y_start .. y_{stop-1}
+                chunk_positions = positions[start - 1 : stop - 1]  # a view: y_start .. y_{stop-1}
             else:
                 chunk_positions = torch.cat([y0[None], positions[: stop - 1]])
             flat = chunk_positions.flatten(0, 1)
@@ -123,17 +123,6 @@ class WaveRollout(torch.autograd.Function):
         return grad_y, grad_omega, grad_alpha, grad_weight, None, None, None
 
 
-def reference_rollout(y0, omega, alpha, weight, steps: int, dt: float) -> torch.Tensor:
-    """Plain step-by-step rollout through autograd; returns (B, T, C, H, W). Used to check `WaveRollout`."""
-    y, z = y0, torch.zeros_like(y0)
-    history = []
-    for _ in range(steps):
-        z = z + dt * (torch.tanh(circular_conv3x3(y, weight)) - omega * y - alpha * z)
-        y = y + dt * z
-        history.append(y)
-    return torch.stack(history, dim=1)
-
-
 class WaveCell(nn.Module):
     """The learnable coupling W and the rollout; `forward` returns time-major positions (T, B, C, H, W).
 
@@ -155,10 +144,16 @@ class WaveCell(nn.Module):
         device_type = y0.device.type
         with torch.autocast(device_type=device_type, enabled=False):
             return WaveRollout.apply(
-                y0.float(), omega.float(), alpha.float(), self.coupling.float(), self.steps, self.dt, self.chunk
+                y0.float(),
+                omega.float(),
+                alpha.float(),
+                self.coupling.float(),
+                self.steps,
+                self.dt,
+                self.chunk,
             )
 
     def step(self, y: torch.Tensor, z: torch.Tensor, omega: torch.Tensor, alpha: torch.Tensor):
-        """One Euler step through autograd, for rollouts that start from an arbitrary state."""
+        """Advance (y, z) by one Euler step through autograd, for rollouts from an arbitrary state."""
         z = z + self.dt * (torch.tanh(circular_conv3x3(y, self.coupling)) - omega * y - alpha * z)
         return y + self.dt * z, z

@@ -13,7 +13,9 @@ def conv3(in_channels: int, out_channels: int, bias: bool = True) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=bias)
 
 
-def conv_stack(in_channels: int, width: int, out_channels: int, depth: int, final: nn.Module | None) -> nn.Sequential:
+def conv_stack(
+    in_channels: int, width: int, out_channels: int, depth: int, final: nn.Module | None
+) -> nn.Sequential:
     """`depth` 3x3 convolutions in -> width -> ... -> out with ReLU between them and `final` at the end."""
     layers: list[nn.Module] = []
     channels = in_channels

@@ -42,7 +42,9 @@ class SegmentationMetrics(nn.Module):
 
     def __init__(self, num_classes: int):
         super().__init__()
-        self.means = nn.ModuleDict({name: MeanMetric(nan_strategy="ignore") for name in ("acc", "fg_acc", "iou", "fg_iou")})
+        self.means = nn.ModuleDict(
+            {name: MeanMetric(nan_strategy="ignore") for name in ("acc", "fg_acc", "iou", "fg_iou")}
+        )
         self.jaccard = MulticlassJaccardIndex(num_classes=num_classes, average="none")
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:

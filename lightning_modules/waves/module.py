@@ -66,12 +66,25 @@ class WaveSegmenter(LightningModule):
         head_widths = [int(w) for w in head_widths]
         self.save_hyperparameters({**locals_to_hparams(locals()), "head_widths": head_widths})
         if backbone == "wave":
-            self.net: nn.Module = WaveNetwork(in_channels, num_classes, channels, steps, dt, readout, head_widths,
-                                              encoder_width, rollout_chunk)
+            self.net: nn.Module = WaveNetwork(
+                in_channels,
+                num_classes,
+                channels,
+                steps,
+                dt,
+                readout,
+                head_widths,
+                encoder_width,
+                rollout_chunk,
+            )
         elif backbone == "convlstm":
-            self.net = ConvLSTMNetwork(in_channels, num_classes, channels, steps, readout, head_widths, encoder_width)
+            self.net = ConvLSTMNetwork(
+                in_channels, num_classes, channels, steps, readout, head_widths, encoder_width
+            )
         elif backbone == "cnn":
-            self.net = LocalCNN(in_channels, num_classes, cnn_layers, head_widths, encoder_width, cnn_features)
+            self.net = LocalCNN(
+                in_channels, num_classes, cnn_layers, head_widths, encoder_width, cnn_features
+            )
         else:
             self.net = UNet(in_channels, num_classes, unet_width)
         self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
@@ -86,9 +99,9 @@ class WaveSegmenter(LightningModule):
         loss = F.cross_entropy(self(images), masks)
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: the run "
-                "stops here and checkpoints/last.ckpt holds the last good state. Lower --model.init_args.lr or "
-                "--model.init_args.dt and start again."
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
+                "the run stops here and checkpoints/last.ckpt contains the last good state. Lower "
+                "--model.init_args.lr or --model.init_args.dt and start again."
             )
         self.log("train/loss", loss, prog_bar=True)
         if isinstance(self.net, WaveNetwork) and batch_idx % max(1, self.trainer.log_every_n_steps) == 0:
@@ -133,7 +146,9 @@ class WaveSegmenter(LightningModule):
         }
         if isinstance(self.net, WaveNetwork):
             report["coupling_norm"] = float(self.net.cell.coupling.detach().norm())
-            report["coupling_norm_at_init"] = 2.0 * math.sqrt(5.0 * self.hparams.channels)  # |Laplacian| per channel
+            report["coupling_norm_at_init"] = 2.0 * math.sqrt(
+                5.0 * self.hparams.channels
+            )  # |Laplacian| per channel
         return report
 
     @torch.no_grad()
@@ -144,7 +159,9 @@ class WaveSegmenter(LightningModule):
             return torch.cat([y0.float()[None], self.net.cell(y0, omega, alpha)])
         if isinstance(self.net, ConvLSTMNetwork):
             return self.net.rollout(images)
-        raise TypeError(f"backbone={self.hparams.backbone!r} has no hidden states over time; use wave or convlstm.")
+        raise TypeError(
+            f"backbone={self.hparams.backbone!r} has no hidden states over time; use wave or convlstm."
+        )
 
     @torch.no_grad()
     def trajectory(self, batch) -> Trajectory:
@@ -154,7 +171,9 @@ class WaveSegmenter(LightningModule):
         encoded omega and alpha of the unperturbed run, so it measures how a position perturbation spreads.
         """
         if not isinstance(self.net, WaveNetwork):
-            raise TypeError(f"trajectory needs backbone='wave'; this model has backbone={self.hparams.backbone!r}.")
+            raise TypeError(
+                f"trajectory needs backbone='wave'; this model has backbone={self.hparams.backbone!r}."
+            )
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         batch_size, _, height, width = images.shape
         cell = self.net.cell

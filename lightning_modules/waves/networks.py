@@ -25,8 +25,18 @@ def check_backbone(backbone: str) -> None:
 class WaveNetwork(nn.Module):
     """Encoders for y0, omega and alpha, the wave cell, a temporal readout and the per-pixel head."""
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int, steps: int, dt: float, readout: str,
-                 head_widths: list[int], encoder_width: int = 16, rollout_chunk: int = 10):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        channels: int,
+        steps: int,
+        dt: float,
+        readout: str,
+        head_widths: list[int],
+        encoder_width: int = 16,
+        rollout_chunk: int = 10,
+    ):
         super().__init__()
         self.omega_encoder = conv_stack(in_channels, encoder_width, channels, 3, nn.ReLU())
         self.alpha_encoder = conv_stack(in_channels, encoder_width, channels, 3, nn.ReLU())
@@ -51,8 +61,16 @@ class WaveNetwork(nn.Module):
 class ConvLSTMNetwork(nn.Module):
     """Autonomous ConvLSTM baseline: encoded initial state, T steps with no input, same readouts and head."""
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int, steps: int, readout: str,
-                 head_widths: list[int], encoder_width: int = 16):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        channels: int,
+        steps: int,
+        readout: str,
+        head_widths: list[int],
+        encoder_width: int = 16,
+    ):
         super().__init__()
         self.steps = steps
         self.hy0_encoder = conv_stack(in_channels, encoder_width, channels, 4, nn.Tanh())
@@ -86,8 +104,15 @@ class ConvLSTMNetwork(nn.Module):
 class LocalCNN(nn.Module):
     """L 3x3 convolutions (receptive field 2L + 1), a 1x1 projection 2 -> `features`, then the pixel head."""
 
-    def __init__(self, in_channels: int, num_classes: int, layers: int, head_widths: list[int],
-                 width: int = 16, features: int = 98):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        layers: int,
+        head_widths: list[int],
+        width: int = 16,
+        features: int = 98,
+    ):
         super().__init__()
         if layers < 2:
             raise ValueError(f"cnn_layers={layers} is invalid: the local CNN needs at least 2 layers.")
@@ -105,8 +130,12 @@ class LocalCNN(nn.Module):
 class DoubleConv(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
         )
 
 
@@ -134,7 +163,6 @@ class UNet(nn.Module):
         for down in self.downs:
             skips.append(down(F.max_pool2d(skips[-1], 2)))
         x = skips.pop()
-        for up, conv in zip(self.ups, self.up_convs):
+        for up, conv in zip(self.ups, self.up_convs, strict=True):
             x = conv(torch.cat([skips.pop(), up(x)], dim=1))
         return self.outc(x)
-
