@@ -36,6 +36,25 @@ def circular_conv3x3_transpose(grad: torch.Tensor, weight: torch.Tensor) -> torc
     return circular_conv3x3(grad, weight.transpose(0, 1).flip(2, 3))
 
 
+def circular_conv3x3_weight_grad(state: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """Gradient of `circular_conv3x3(state, W)` with respect to W, as (C_out, C_in, 3, 3).
+
+    Each of the nine taps is one (C_out x N*H*W) @ (N*H*W x C_in) product with a shifted window of the
+    padded state. With few channels this is far cheaper than the generic convolution weight gradient.
+    """
+    height, width = grad_output.shape[-2:]
+    padded = F.pad(state, (1, 1, 1, 1), mode="circular")
+    grad_rows = grad_output.transpose(0, 1).reshape(grad_output.shape[1], -1)
+    grad_weight = grad_output.new_empty(grad_output.shape[1], state.shape[1], 3, 3)
+    for dy in range(3):
+        for dx in range(3):
+            window = (
+                padded[:, :, dy : dy + height, dx : dx + width].transpose(0, 1).reshape(state.shape[1], -1)
+            )
+            grad_weight[:, :, dy, dx] = grad_rows @ window.T
+    return grad_weight
+
+
 def laplacian_kernel(channels: int) -> torch.Tensor:
     """Coupling weights (C, C, 3, 3): the 5-point Laplacian on each diagonal kernel, zeros elsewhere."""
     weight = torch.zeros(channels, channels, 3, 3)
@@ -117,9 +136,7 @@ class WaveRollout(torch.autograd.Function):
             # The omega and alpha terms of z_{t+1} give their gradients summed over the chunk's steps.
             grad_omega.sub_((chunk_positions * velocity_grads).sum(0), alpha=dt)
             grad_alpha.sub_((velocities * velocity_grads).sum(0), alpha=dt)
-            grad_weight += torch.nn.grad.conv2d_weight(
-                F.pad(flat, (1, 1, 1, 1), mode="circular"), weight.shape, slopes.flatten(0, 1)
-            )
+            grad_weight += circular_conv3x3_weight_grad(flat, slopes.flatten(0, 1))
         return grad_y, grad_omega, grad_alpha, grad_weight, None, None, None
 
 
