@@ -167,3 +167,12 @@ def test_cli_smoke_run_writes_metrics(run_cli):
     assert (run_dir / "figures" / "wave_movie.gif").is_file()
     assert (run_dir / "figures" / "wave_spectrum.png").is_file()
     assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
+
+
+def test_hidden_states_per_backbone():
+    images = torch.rand(2, 3, 16, 16)
+    assert WaveSegmenter(steps=4, head_widths=[4]).hidden_states(images).shape == (5, 2, 2, 16, 16)
+    convlstm = WaveSegmenter(backbone="convlstm", steps=4, head_widths=[4])
+    assert convlstm.hidden_states(images).shape == (5, 2, 2, 16, 16)
+    with pytest.raises(TypeError, match="backbone='cnn' has no hidden states"):
+        WaveSegmenter(backbone="cnn", head_widths=[4]).hidden_states(images)

@@ -153,12 +153,12 @@ class WaveSegmenter(LightningModule):
 
     @torch.no_grad()
     def hidden_states(self, images: torch.Tensor) -> torch.Tensor:
-        """States y_0 .. y_T (wave) or hy_1 .. hy_T (ConvLSTM), time-major (T', B, C, H, W)."""
+        """States y_0 .. y_T (wave) or hy_0 .. hy_T (ConvLSTM), time-major (T + 1, B, C, H, W)."""
         if isinstance(self.net, WaveNetwork):
             y0, omega, alpha = self.net.encode(images)
             return torch.cat([y0.float()[None], self.net.cell(y0, omega, alpha)])
         if isinstance(self.net, ConvLSTMNetwork):
-            return self.net.rollout(images)
+            return torch.cat([self.net.hy0_encoder(images)[None], self.net.rollout(images)])
         raise TypeError(
             f"backbone={self.hparams.backbone!r} has no hidden states over time; use wave or convlstm."
         )
