@@ -209,6 +209,15 @@ def condense_parse_error(message: str, subcommand: str | None = None) -> str:
     return f"invalid configuration at {location}: {detail} ({help_hint})."
 
 
+def state_dict_mismatch(message: str) -> str:
+    """Reduce torch's multi-line load_state_dict error to its first problem and a count of the rest."""
+    problems = [line.strip().rstrip(".") for line in message.splitlines()[1:] if line.strip()]
+    if not problems:
+        return message.splitlines()[0]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{problems[0]}{more}."
+
+
 def compile_in_place(model: LightningModule) -> None:
     """Compile the model's hot modules with torch.compile, in place so state-dict keys stay unchanged.
 
@@ -303,6 +312,7 @@ class DynlabCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path not in (None, "last", "best", "hpc", "registry"):
             check_checkpoint_file(Path(ckpt_path))
+            self._check_checkpoint_model(Path(ckpt_path), self.config[subcommand].model.class_path)
         try:
             super()._parse_ckpt_path()
         except ArgumentError as error:
@@ -311,6 +321,17 @@ class DynlabCLI(LightningCLI):
                 f"checkpoint {ckpt_path} does not fit model {model}: {condense_parse_error(str(error), subcommand)} "
                 "Pass a checkpoint saved by this task's model, or the config it was trained with."
             ) from None
+
+    @staticmethod
+    def _check_checkpoint_model(ckpt_path: Path, model_class_path: str) -> None:
+        """Raise when the checkpoint was saved by another model class than the config builds."""
+        hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+        saved_class = hparams.get("_class_path")
+        if saved_class and saved_class != model_class_path:
+            raise ConfigError(
+                f"checkpoint {ckpt_path} was saved by {saved_class} (task {infer_task(saved_class)!r}) but this "
+                f"config builds {model_class_path}: pass a checkpoint of this task, or that task's config."
+            )
 
     # --------------------------------------------------------------- run folder
     def before_instantiate_classes(self) -> None:
@@ -397,6 +418,16 @@ class DynlabCLI(LightningCLI):
             group=config.task,
             job_type=self.subcommand or "run",
         )
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except RuntimeError as error:
+            if "Error(s) in loading state_dict" not in str(error):
+                raise
+            ckpt_path = self.config[subcommand].get("ckpt_path")
+            raise ConfigError(f"checkpoint {ckpt_path} does not match the model: {state_dict_mismatch(str(error))} "
+                              "Use the config the checkpoint was trained with (config.yaml in its run folder).") from None
 
     # ------------------------------------------------------------ after stages
     def after_fit(self) -> None:

@@ -277,3 +277,28 @@ def test_sigkill_mid_epoch_resume_is_exact(toy, tmp_path):
     resumed = model_weights(last)
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_checkpoint_with_other_shapes(toy):
+    run, runs_root = toy
+    run("--trainer.max_epochs=1", "--run_name=three", "--test_after_fit=false")
+    ckpt = runs_root / "toy" / "three" / "checkpoints" / "last.ckpt"
+    with pytest.raises(cli.ConfigError, match=r"does not match the model: .*size mismatch for net\.3\.weight") as caught:
+        run(f"--ckpt_path={ckpt}", "--data.init_args.num_classes=5", subcommand="validate")
+    assert "\n" not in str(caught.value)
+
+
+def test_checkpoint_of_another_task(toy, tmp_path):
+    run, runs_root = toy
+    run("--trainer.max_epochs=1", "--run_name=toyrun", "--test_after_fit=false")
+    ckpt = runs_root / "toy" / "toyrun" / "checkpoints" / "last.ckpt"
+    with pytest.raises(cli.ConfigError, match=r"was saved by tests.toy.task.ToyClassifier .* but this config builds lightning_modules.waves") as caught:
+        cli.run(["validate", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "tasks" / "waves.yaml"),
+                 f"--ckpt_path={ckpt}", "--runs_root", str(tmp_path / "other")])
+    assert "\n" not in str(caught.value)
+
+
+def test_batch_larger_than_data(toy):
+    run, _ = toy
+    with pytest.raises(ValueError, match=r"batch_size=500 is larger than the train split \(96 samples\)"):
+        run("--trainer.max_epochs=1", "--data.init_args.batch_size=500")
