@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 GROUP_STYLES = {"cls": "tab:red", "reg": "tab:green", "patch": "tab:blue"}
 
@@ -109,6 +110,9 @@ def plot_rank(results: dict[str, Sequence[float]], boundaries: Sequence[int], pa
                     label=f"{measure} rank")
         draw_boundaries(ax, boundaries)
         ax.set_yscale("log")
+        plain_numbers = ticker.FuncFormatter(lambda value, _: f"{value:g}")
+        ax.yaxis.set_major_formatter(plain_numbers)
+        ax.yaxis.set_minor_formatter(plain_numbers)
         ax.set_xlabel("step (update l-1 -> l)")
         ax.set_ylabel("rank")
         ax.set_title(f"{title}: {kind.replace('_', ' ')}")
