@@ -27,7 +27,9 @@ def _build(seed: int = 0):
     data = SDEDataModule(system="lorenz", noise_scale=10.0, cache=False)
     data.setup("fit")
     torch.manual_seed(seed)
-    model = HyperSINDyModule(state_dim=3, variable_names=data.variable_names, dt=data.dt, include_constant=False)
+    model = HyperSINDyModule(
+        state_dim=3, variable_names=data.variable_names, dt=data.dt, include_constant=False
+    )
     model.derivative_mean.copy_(data.derivative_mean)
     model.derivative_std.copy_(data.derivative_std)
     return data, model
@@ -70,9 +72,17 @@ def lightning_epochs(model, data, n_epochs: int) -> list[float]:
 
     timer = EpochTimer()
     trainer = Trainer(
-        max_epochs=n_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0, limit_val_batches=0,
-        num_sanity_val_steps=0, callbacks=[timer], deterministic=True,
+        max_epochs=n_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+        deterministic=True,
     )
     trainer.fit(model, datamodule=data)
     return timer.times
@@ -106,13 +116,31 @@ def run(quick: bool = False) -> list[BenchRow]:
     finally:
         torch.set_num_threads(threads_before)
     return [
-        BenchRow("hypersindy", "epoch time, Lightning (Lorenz s=10, batch 250, 40 steps)", framework_s, "s",
-                 reference=REFERENCE_EPOCH, goal="<= 0.25 s"),
-        BenchRow("hypersindy", "epoch time, bare PyTorch loop (same model and data)", bare_s, "s",
-                 reference="0.35 s/epoch (reference training step alone)"),
-        BenchRow("hypersindy", "bare / Lightning epoch-time ratio", bare_s / framework_s, "x", goal=">= 0.95"),
-        BenchRow("hypersindy", "trajectory sampling, 10 samples", rate_10, "sample-steps/s",
-                 note="fresh z per sample and step; no reference figure published"),
+        BenchRow(
+            "hypersindy",
+            "epoch time, Lightning (Lorenz s=10, batch 250, 40 steps)",
+            framework_s,
+            "s",
+            reference=REFERENCE_EPOCH,
+            goal="<= 0.25 s",
+        ),
+        BenchRow(
+            "hypersindy",
+            "epoch time, bare PyTorch loop (same model and data)",
+            bare_s,
+            "s",
+            reference="0.35 s/epoch (reference training step alone)",
+        ),
+        BenchRow(
+            "hypersindy", "bare / Lightning epoch-time ratio", bare_s / framework_s, "x", goal=">= 0.95"
+        ),
+        BenchRow(
+            "hypersindy",
+            "trajectory sampling, 10 samples",
+            rate_10,
+            "sample-steps/s",
+            note="fresh z per sample and step; no reference figure published",
+        ),
         BenchRow("hypersindy", "trajectory sampling, 250 samples", rate_250, "sample-steps/s"),
     ]
 

@@ -1,5 +1,5 @@
-"""Equation reports for HyperSINDy: learned equations as mean ± std per term, coefficient histograms against the
-truth, and trajectories sampled from the prior against the data.
+"""Equation reports for HyperSINDy: learned equations as mean ± std per term, coefficient histograms
+against the truth, and trajectories sampled from the prior against the data.
 
 Equations are logged during training every `every_n_epochs` epochs and written, with the figures, to the run
 folder after testing (`equations.txt`, `figures/coefficients.png`, `figures/trajectories.png`), and to wandb
@@ -22,8 +22,15 @@ log = logging.getLogger(__name__)
 class EquationReport(Callback):
     """Print, save and plot the equations a HyperSINDy model has learned."""
 
-    def __init__(self, every_n_epochs: int = 50, histogram_samples: int = 1000, trajectory_samples: int = 10,
-                 trajectory_steps: int = 2000, seed: int = 5281998, precision: int = 2):
+    def __init__(
+        self,
+        every_n_epochs: int = 50,
+        histogram_samples: int = 1000,
+        trajectory_samples: int = 10,
+        trajectory_steps: int = 1000,
+        seed: int = 5281998,
+        precision: int = 2,
+    ):
         """
         Args:
             every_n_epochs: log the equations every this many training epochs (0 turns it off).
@@ -72,25 +79,49 @@ class EquationReport(Callback):
         if data_x is not None:
             steps = min(self.trajectory_steps, data_x.shape[0])
             sampled = pl_module.sample_trajectories(data_x[0], steps, self.trajectory_samples, seed=self.seed)
-            plot_trajectories(data_x[:steps], sampled, pl_module.variable_names, pl_module.hparams.dt,
-                              trajectory_png)
-            report["sampled_trajectories"] = {"samples": self.trajectory_samples, "steps": steps,
-                                              "diverged": sampled.num_diverged,
-                                              "diverged_fraction": sampled.diverged_fraction}
+            plot_trajectories(
+                data_x[:steps], sampled, pl_module.variable_names, pl_module.hparams.dt, trajectory_png
+            )
+            report["sampled_trajectories"] = {
+                "samples": self.trajectory_samples,
+                "steps": steps,
+                "diverged": sampled.num_diverged,
+                "diverged_fraction": sampled.diverged_fraction,
+            }
             if sampled.num_diverged:
-                log.warning("%d of %d sampled trajectories diverged within %d steps", sampled.num_diverged,
-                            self.trajectory_samples, steps)
+                log.warning(
+                    "%d of %d sampled trajectories diverged within %d steps",
+                    sampled.num_diverged,
+                    self.trajectory_samples,
+                    steps,
+                )
 
         (run_dir / "equations.txt").write_text("\n".join(lines) + "\n")
-        (run_dir / "equations.json").write_text(json.dumps(
-            {**report, "feature_names": pl_module.feature_names, "variable_names": pl_module.variable_names,
-             "mean": mean.tolist(), "std": std.tolist()}, indent=2) + "\n")
+        (run_dir / "equations.json").write_text(
+            json.dumps(
+                {
+                    **report,
+                    "feature_names": pl_module.feature_names,
+                    "variable_names": pl_module.variable_names,
+                    "mean": mean.tolist(),
+                    "std": std.tolist(),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print("\n".join(["", "learned equations (mean ± std over prior samples):", *lines]), flush=True)
         self._log_wandb(trainer, pl_module, mean, std, [coefficient_png, trajectory_png])
         return report
 
-    def _log_wandb(self, trainer: Trainer, pl_module: LightningModule, mean: np.ndarray, std: np.ndarray,
-                   images: list[Path]) -> None:
+    def _log_wandb(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        mean: np.ndarray,
+        std: np.ndarray,
+        images: list[Path],
+    ) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not loggers:
             return
@@ -100,10 +131,21 @@ class EquationReport(Callback):
         for d, var in enumerate(pl_module.variable_names):
             for l, feature in enumerate(pl_module.feature_names):
                 if mean[l, d] != 0:
-                    rows.append([var, feature, float(mean[l, d]), float(std[l, d]),
-                                 float(pl_module.true_mean[l, d]), float(pl_module.true_std[l, d])])
-        payload = {"equations": wandb.Table(columns=["state", "term", "mean", "std", "true_mean", "true_std"],
-                                            data=rows)}
+                    rows.append(
+                        [
+                            var,
+                            feature,
+                            float(mean[l, d]),
+                            float(std[l, d]),
+                            float(pl_module.true_mean[l, d]),
+                            float(pl_module.true_std[l, d]),
+                        ]
+                    )
+        payload = {
+            "equations": wandb.Table(
+                columns=["state", "term", "mean", "std", "true_mean", "true_std"], data=rows
+            )
+        }
         for path in images:
             if path.is_file():
                 payload[f"figures/{path.stem}"] = wandb.Image(str(path))
@@ -121,13 +163,13 @@ def plot_coefficients(samples: np.ndarray, pl_module: LightningModule, path: Pat
     true_mean = pl_module.true_mean.double().cpu().numpy()
     true_std = pl_module.true_std.double().cpu().numpy()
     active = (samples != 0).any(0) | (true_mean != 0)
-    entries = list(zip(*np.nonzero(active)))[:40]
+    entries = list(zip(*np.nonzero(active), strict=True))[:40]
     if not entries:
         return
     cols = min(5, len(entries))
     rows = (len(entries) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.4 * rows), squeeze=False)
-    for ax, (l, d) in zip(axes.flat, entries):
+    for ax, (l, d) in zip(axes.flat, entries, strict=False):
         ax.hist(samples[:, l, d], bins=40, color="tab:blue", alpha=0.7, density=True)
         if true_mean[l, d] != 0 or true_std[l, d] != 0:
             ax.axvline(true_mean[l, d], color="k", lw=1.5)
@@ -136,7 +178,7 @@ def plot_coefficients(samples: np.ndarray, pl_module: LightningModule, path: Pat
                     ax.axvline(true_mean[l, d] + sign * true_std[l, d], color="k", lw=0.8, ls="--")
         ax.set_title(f"{pl_module.feature_names[l]} in d{pl_module.variable_names[d]}/dt", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(entries):]:
+    for ax in list(axes.flat)[len(entries) :]:
         ax.axis("off")
     fig.suptitle("coefficient samples (blue) vs truth mean (solid) and ± std (dashed)", fontsize=9)
     fig.tight_layout()
@@ -162,8 +204,10 @@ def plot_trajectories(data_x: np.ndarray, sampled, variable_names: list[str], dt
         ax.plot(t, data_x[:, d], color="k", lw=0.9)
         ax.set_ylabel(variable_names[d])
     axes[-1, 0].set_xlabel("t")
-    axes[0, 0].set_title(f"data (black) and {states.shape[0]} sampled trajectories; "
-                         f"{sampled.num_diverged} diverged", fontsize=9)
+    axes[0, 0].set_title(
+        f"data (black) and {states.shape[0]} sampled trajectories; {sampled.num_diverged} diverged",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -66,8 +66,13 @@ SYSTEMS: dict[str, SystemSpec] = {
         "lotka_volterra", ("x", "y"), 0.005, (4.0, 2.0), ("a", "b", "c", "d"), True, None
     ),
     "lorenz96": SystemSpec(
-        "lorenz96", tuple(f"x{i}" for i in range(10)), 0.01, _lorenz96_x0(), tuple(f"F{i}" for i in range(10)),
-        True, None,
+        "lorenz96",
+        tuple(f"x{i}" for i in range(10)),
+        0.01,
+        _lorenz96_x0(),
+        tuple(f"F{i}" for i in range(10)),
+        True,
+        None,
     ),
 }
 
@@ -81,7 +86,7 @@ class Simulation:
     """One simulated trajectory.
 
     x: (n_steps, dim) float64 states, x[0] the initial state, x[k] at time t[k] = k * dt.
-    x_dot: (n_steps, dim) the exact per-step derivative f_k used for the Euler step (x[k+1] = x[k] + dt * x_dot[k]);
+    x_dot: (n_steps, dim) the exact per-step derivative f_k of the Euler step x[k+1] = x[k] + dt * x_dot[k];
         for an SDE it is the drift at x[k]. Never used as a training target by default.
     coefficients: (n_steps, n_coefficients) the coefficients drawn at each step (empty for an SDE).
     """
@@ -122,10 +127,13 @@ def _diverged(state: np.ndarray, bound: float) -> bool:
     return not np.all(np.isfinite(state)) or float(np.max(np.abs(state))) > bound
 
 
-def _raise_diverged(system: str, step: int, state: np.ndarray, noise_scale: float, dt: float, kind: str) -> None:
+def _raise_diverged(
+    system: str, step: int, state: np.ndarray, noise_scale: float, dt: float, kind: str
+) -> None:
     shown = np.array2string(np.asarray(state), precision=4, max_line_width=200)
     raise SimulationDivergedError(
-        f"the {system} {kind} diverged at step {step} (state {shown}) with noise_scale={noise_scale} and dt={dt}: "
+        f"the {system} {kind} diverged at step {step} (state {shown}) with noise_scale={noise_scale} "
+        f"and dt={dt}: "
         "lower data.init_args.noise_scale or dt, shorten n_steps, or change data.init_args.seed."
     )
 
@@ -174,16 +182,29 @@ def simulate(
         _raise_diverged(system, int(bad[0]), x[bad[0]], noise_scale, dt, "random ODE")
     coefficients = draws[:, _KEPT_COEFFICIENTS[system]] if system == "lorenz" else draws
     return Simulation(
-        system=system, noise_scale=s, seed=seed, dt=dt, x=x, x_dot=x_dot, t=np.arange(n_steps) * dt,
-        coefficients=np.ascontiguousarray(coefficients), coefficient_names=spec.coefficient_names,
+        system=system,
+        noise_scale=s,
+        seed=seed,
+        dt=dt,
+        x=x,
+        x_dot=x_dot,
+        t=np.arange(n_steps) * dt,
+        coefficients=np.ascontiguousarray(coefficients),
+        coefficient_names=spec.coefficient_names,
         variable_names=spec.variable_names,
     )
 
 
 # Mean and std (as a function of the noise scale s) of each normal drawn per step, in draw order.
 _DRAW_PARAMETERS: dict[str, list[tuple[float, Callable[[float], float]]]] = {
-    "lorenz": [(10.0, lambda s: s), (28.0, lambda s: s), (1.0, lambda s: 0.0), (1.0, lambda s: 0.0),
-               (1.0, lambda s: 0.0), (8.0 / 3, lambda s: s)],
+    "lorenz": [
+        (10.0, lambda s: s),
+        (28.0, lambda s: s),
+        (1.0, lambda s: 0.0),
+        (1.0, lambda s: 0.0),
+        (1.0, lambda s: 0.0),
+        (8.0 / 3, lambda s: s),
+    ],
     "rossler": [(0.2, lambda s: min(1.0, s)), (0.2, lambda s: min(1.0, s)), (5.7, lambda s: s)],
     "lorenz96": [(8.0, lambda s: s)] * 10,
 }
@@ -335,8 +356,15 @@ def simulate_sde(
             _raise_diverged(name, k + 1, x[k + 1], float(np.max(np.abs(g))), dt, "SDE")
     variable_names = SYSTEMS[name].variable_names if name in SYSTEMS else tuple(f"x{i}" for i in range(dim))
     return Simulation(
-        system=name, noise_scale=float(np.max(np.abs(g))) if n_steps > 1 else 0.0, seed=seed, dt=dt, x=x,
-        x_dot=x_dot, t=np.arange(n_steps) * dt, coefficients=np.zeros((n_steps, 0)), coefficient_names=(),
+        system=name,
+        noise_scale=float(np.max(np.abs(g))) if n_steps > 1 else 0.0,
+        seed=seed,
+        dt=dt,
+        x=x,
+        x_dot=x_dot,
+        t=np.arange(n_steps) * dt,
+        coefficients=np.zeros((n_steps, 0)),
+        coefficient_names=(),
         variable_names=variable_names,
     )
 
@@ -376,9 +404,16 @@ def load_or_simulate(
         if path.is_file():
             with np.load(path) as stored:
                 return Simulation(
-                    system=system, noise_scale=float(noise_scale), seed=seed, dt=dt_used, x=stored["x"],
-                    x_dot=stored["x_dot"], t=stored["t"], coefficients=stored["coefficients"],
-                    coefficient_names=spec.coefficient_names, variable_names=spec.variable_names,
+                    system=system,
+                    noise_scale=float(noise_scale),
+                    seed=seed,
+                    dt=dt_used,
+                    x=stored["x"],
+                    x_dot=stored["x_dot"],
+                    t=stored["t"],
+                    coefficients=stored["coefficients"],
+                    coefficient_names=spec.coefficient_names,
+                    variable_names=spec.variable_names,
                 )
     sim = simulate(system, noise_scale, n_steps, seed, dt=dt)
     if path is not None:
@@ -443,9 +478,19 @@ class IndexBatchSampler(EpochShuffleSampler):
 
 
 def batch_loader(dataset: TrajectoryTensors, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool):
-    """A DataLoader that slices whole batches out of in-memory tensors (no per-sample indexing, no workers)."""
+    """Build a DataLoader that slices whole batches out of in-memory tensors, with no workers."""
     sampler = IndexBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0, collate_fn=_identity)
+    # A private generator: each new DataLoader iterator draws a base seed, and drawing it from the global
+    # torch RNG would shift the stream by one draw per epoch, differently in a resumed run, where Lightning
+    # creates the first iterator before the RNG state is restored.
+    return DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=None,
+        num_workers=0,
+        collate_fn=_identity,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def _identity(batch):
@@ -539,8 +584,9 @@ class SDEDataModule(LightningDataModule):
         if hp.mode == "sde":
             amplitude = hp.sde_diffusion
             diffusion = (lambda state: amplitude * state) if hp.sde_noise == "linear" else amplitude
-            return simulate_sde(self.system, diffusion, x0 if x0 is not None else self.spec.x0, self.dt,
-                                hp.n_steps, seed)
+            return simulate_sde(
+                self.system, diffusion, x0 if x0 is not None else self.spec.x0, self.dt, hp.n_steps, seed
+            )
         cache_dir = resolve_data_dir(hp.data_dir) if hp.cache else None
         if x0 is None:
             return load_or_simulate(self.system, self.noise_scale, hp.n_steps, seed, self.dt, cache_dir)
@@ -601,8 +647,13 @@ class SDEDataModule(LightningDataModule):
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} is invalid: use a positive integer.")
         if len(dataset) < self.batch_size:
-            log.info("%s split has %d samples, fewer than batch_size=%d: using one batch of %d",
-                     split, len(dataset), self.batch_size, len(dataset))
+            log.info(
+                "%s split has %d samples, fewer than batch_size=%d: using one batch of %d",
+                split,
+                len(dataset),
+                self.batch_size,
+                len(dataset),
+            )
             return len(dataset)
         return self.batch_size
 
@@ -640,7 +691,9 @@ def true_coefficients(
 
     def put(term: str, dim: int, value: float, spread: float = 0.0) -> None:
         if term not in index:
-            raise ValueError(f"the {system} equations need the library term {term!r}; include it in the library.")
+            raise ValueError(
+                f"the {system} equations need the library term {term!r}; include it in the library."
+            )
         mean[index[term], dim] = value
         std[index[term], dim] = spread
 

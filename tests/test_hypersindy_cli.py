@@ -9,22 +9,36 @@ import torch
 
 from lightning_modules.hypersindy import HyperSINDyModule
 
-# A short run: 1,000 states in batches of 100, a 2-epoch warm-up, pruning after every epoch, spikes at epoch 3.
+# A short run: 1,000 states in batches of 100, a 2-epoch warm-up, pruning every epoch, spikes at epoch 3.
 SHORT = [
-    "--wandb_mode", "disabled",
-    "--test_after_fit", "false",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-    "--checkpoint.every_n_epochs", "1",
-    "--data.init_args.n_steps", "1000",
-    "--data.init_args.noise_scale", "1.0",
-    "--data.init_args.batch_size", "100",
-    "--model.init_args.schedule_reference_epochs", "null",
-    "--model.init_args.beta_warmup_epochs", "2",
-    "--model.init_args.threshold_interval", "1",
-    "--model.init_args.beta_spike_epoch", "3",
-    "--model.init_args.lambda_spike_epoch", "3",
-    "--model.init_args.eval_samples", "200",
+    "--wandb_mode",
+    "disabled",
+    "--test_after_fit",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--checkpoint.every_n_epochs",
+    "1",
+    "--data.init_args.n_steps",
+    "1000",
+    "--data.init_args.noise_scale",
+    "1.0",
+    "--data.init_args.batch_size",
+    "100",
+    "--model.init_args.schedule_reference_epochs",
+    "null",
+    "--model.init_args.beta_warmup_epochs",
+    "2",
+    "--model.init_args.threshold_interval",
+    "1",
+    "--model.init_args.beta_spike_epoch",
+    "3",
+    "--model.init_args.lambda_spike_epoch",
+    "3",
+    "--model.init_args.eval_samples",
+    "200",
     "--trainer.callbacks+=callbacks.equations.EquationReport",
     "--trainer.callbacks.every_n_epochs=0",
 ]
@@ -56,8 +70,17 @@ def test_smoke_run_writes_report(run_cli):
 def test_resume_equals_straight_run(run_cli, tmp_path):
     straight = run_cli("fit", "hypersindy", *SHORT, "--trainer.max_epochs", "4", "--run_name", "straight")
     run_cli("fit", "hypersindy", *SHORT, "--trainer.max_epochs", "2", "--run_name", "halves")
-    halves = run_cli("fit", "hypersindy", *SHORT, "--trainer.max_epochs", "4", "--run_name", "halves",
-                     "--ckpt_path", "last")
+    halves = run_cli(
+        "fit",
+        "hypersindy",
+        *SHORT,
+        "--trainer.max_epochs",
+        "4",
+        "--run_name",
+        "halves",
+        "--ckpt_path",
+        "last",
+    )
     a = load(straight / "checkpoints" / "last.ckpt")
     b = load(halves / "checkpoints" / "last.ckpt")
     assert a["epoch"] == b["epoch"] == 3

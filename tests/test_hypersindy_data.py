@@ -67,8 +67,10 @@ def dt_of(system: str) -> float:
     return 0.005 if system == "lotka_volterra" else 0.01
 
 
-@pytest.mark.parametrize("system,scale", [("lorenz", 10.0), ("lorenz", 0.0), ("rossler", 5.0),
-                                          ("lotka_volterra", 5.0), ("lorenz96", 10.0)])
+@pytest.mark.parametrize(
+    "system,scale",
+    [("lorenz", 10.0), ("lorenz", 0.0), ("rossler", 5.0), ("lotka_volterra", 5.0), ("lorenz96", 10.0)],
+)
 def test_generator_bit_exact_vs_scalar_draws(system, scale):
     x_ref, params_ref = scalar_reference(system, scale, 400)
     sim = simulate(system, scale, n_steps=400)
@@ -127,12 +129,15 @@ def test_fd_attenuates_coefficient_noise():
     assert abs(fd[2:-2].std() - 10 / 12) < 0.01
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"system": "duffing", "noise_scale": 1.0}, "system='duffing' is unknown"),
-    ({"system": "lorenz", "noise_scale": -1.0}, "noise_scale=-1.0 is invalid"),
-    ({"system": "lorenz", "noise_scale": 1.0, "dt": 0.0}, "dt=0.0 is invalid"),
-    ({"system": "lorenz", "noise_scale": 1.0, "dt": -0.01}, "dt=-0.01 is invalid"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"system": "duffing", "noise_scale": 1.0}, "system='duffing' is unknown"),
+        ({"system": "lorenz", "noise_scale": -1.0}, "noise_scale=-1.0 is invalid"),
+        ({"system": "lorenz", "noise_scale": 1.0, "dt": 0.0}, "dt=0.0 is invalid"),
+        ({"system": "lorenz", "noise_scale": 1.0, "dt": -0.01}, "dt=-0.01 is invalid"),
+    ],
+)
 def test_bad_simulation_input_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         simulate(**kwargs, n_steps=10)
@@ -166,14 +171,20 @@ def test_sde_state_dependent_noise():
 
 
 def test_datamodule_attributes_split_and_cache(tmp_path):
-    dm = SDEDataModule(system="rossler", noise_scale=1.0, val_fraction=0.2, data_dir=str(tmp_path), batch_size=250)
+    dm = SDEDataModule(
+        system="rossler", noise_scale=1.0, val_fraction=0.2, data_dir=str(tmp_path), batch_size=250
+    )
     assert (dm.state_dim, dm.variable_names, dm.dt) == (3, ["x", "y", "z"], 0.01)
     dm.setup("fit")
     assert len(dm.train_set) == 8000 and len(dm.val_set) == 2000
     assert list((tmp_path / "sde").glob("rossler_s1_seed1000*.npz"))
     dx = dm.train_set.dx
-    np.testing.assert_allclose((dm.train_set.dx_standardised * dm.derivative_std + dm.derivative_mean).numpy(),
-                               dx.numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        (dm.train_set.dx_standardised * dm.derivative_std + dm.derivative_mean).numpy(),
+        dx.numpy(),
+        rtol=1e-5,
+        atol=1e-4,
+    )
     again = SDEDataModule(system="rossler", noise_scale=1.0, val_fraction=0.2, data_dir=str(tmp_path))
     again.setup("fit")
     assert torch.equal(again.val_set.x, dm.val_set.x)

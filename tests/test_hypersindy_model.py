@@ -14,8 +14,17 @@ from lightning_modules.hypersindy.model import HardConcreteGate, kl_standard_nor
 from lightning_modules.hypersindy.schedule import LossWeights, advance, is_threshold_epoch, scale_epochs
 
 
-@pytest.mark.parametrize("dim,degree,bias,expected_len", [(2, 3, True, 10), (3, 3, False, 19), (3, 3, True, 20),
-                                                          (10, 3, True, 286), (3, 2, True, 10), (4, 1, False, 4)])
+@pytest.mark.parametrize(
+    "dim,degree,bias,expected_len",
+    [
+        (2, 3, True, 10),
+        (3, 3, False, 19),
+        (3, 3, True, 20),
+        (10, 3, True, 286),
+        (3, 2, True, 10),
+        (4, 1, False, 4),
+    ],
+)
 def test_library_matches_pysindy(dim, degree, bias, expected_len):
     import pysindy as ps
 
@@ -114,8 +123,14 @@ def test_nan_loss_stops_with_message():
     assert "--ckpt_path=last" in str(info.value) and "\n" not in str(info.value)
 
 
-def run_schedule(epochs: int, warmup: int = 100, beta_spike=None, beta_spike_epoch=None, lambda_spike=None,
-                 lambda_spike_epoch=None) -> list[tuple[float, float]]:
+def run_schedule(
+    epochs: int,
+    warmup: int = 100,
+    beta_spike=None,
+    beta_spike_epoch=None,
+    lambda_spike=None,
+    lambda_spike_epoch=None,
+) -> list[tuple[float, float]]:
     """(beta, lambda) in effect during epochs 0 .. epochs - 1."""
     weights = LossWeights(0.01, 0.01, 10.0, 0.01)
     values = []
@@ -126,7 +141,9 @@ def run_schedule(epochs: int, warmup: int = 100, beta_spike=None, beta_spike_epo
 
 
 def test_beta_schedule_values():
-    values = run_schedule(500, beta_spike=400.0, beta_spike_epoch=400, lambda_spike=10.0, lambda_spike_epoch=400)
+    values = run_schedule(
+        500, beta_spike=400.0, beta_spike_epoch=400, lambda_spike=10.0, lambda_spike_epoch=400
+    )
     assert values[0] == (0.01, 0.01)
     assert values[99][0] == pytest.approx(9.91)
     assert values[100][0] == 10.0
@@ -136,7 +153,9 @@ def test_beta_schedule_values():
 
 
 def test_spikes_at_different_epochs():
-    values = run_schedule(400, beta_spike=100.0, beta_spike_epoch=200, lambda_spike=0.1, lambda_spike_epoch=300)
+    values = run_schedule(
+        400, beta_spike=100.0, beta_spike_epoch=200, lambda_spike=0.1, lambda_spike_epoch=300
+    )
     assert values[199] == (10.0, 0.01)
     assert values[200] == (100.0, 0.01)
     assert values[299][1] == 0.01 and values[300][1] == 0.1
@@ -154,7 +173,9 @@ def test_threshold_epochs_and_scaling():
 
 def test_threshold_mask_prunes_permanently():
     torch.manual_seed(0)
-    model = HyperSINDyModule(state_dim=3, variable_names=["x", "y", "z"], include_constant=False, threshold=0.05)
+    model = HyperSINDyModule(
+        state_dim=3, variable_names=["x", "y", "z"], include_constant=False, threshold=0.05
+    )
     with torch.no_grad():
         last = model.hypernet.layers[-1]
         last.weight.zero_()

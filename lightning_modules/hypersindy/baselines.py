@@ -31,13 +31,23 @@ def _library(degree: int, include_bias: bool):
     return ps.PolynomialLibrary(degree=degree, include_bias=include_bias)
 
 
-def fit_sindy(x: np.ndarray, x_dot: np.ndarray, dt: float, variable_names: list[str], *, degree: int = 3,
-              include_bias: bool = True, threshold: float = 0.5, alpha: float = 0.05) -> BaselineFit:
+def fit_sindy(
+    x: np.ndarray,
+    x_dot: np.ndarray,
+    dt: float,
+    variable_names: list[str],
+    *,
+    degree: int = 3,
+    include_bias: bool = True,
+    threshold: float = 0.5,
+    alpha: float = 0.05,
+) -> BaselineFit:
     """SINDy with STLSQ on the given derivative (passed as x_dot, so pysindy differentiates nothing)."""
     import pysindy as ps
 
-    model = ps.SINDy(optimizer=ps.STLSQ(threshold=threshold, alpha=alpha),
-                     feature_library=_library(degree, include_bias))
+    model = ps.SINDy(
+        optimizer=ps.STLSQ(threshold=threshold, alpha=alpha), feature_library=_library(degree, include_bias)
+    )
     model.fit(x, t=dt, x_dot=x_dot, feature_names=list(variable_names))
     mean = np.asarray(model.coefficients()).T.copy()
     return BaselineFit(mean, np.zeros_like(mean), list(model.get_feature_names()))
@@ -50,9 +60,19 @@ def make_ensemble_optimizer(optimizer, n_models: int):
     return ps.EnsembleOptimizer(optimizer, bagging=True, n_models=n_models)
 
 
-def fit_esindy(x: np.ndarray, x_dot: np.ndarray, dt: float, variable_names: list[str], *, degree: int = 3,
-               include_bias: bool = True, threshold: float = 0.5, alpha: float = 0.05, n_models: int = 100,
-               optimizer=None) -> BaselineFit:
+def fit_esindy(
+    x: np.ndarray,
+    x_dot: np.ndarray,
+    dt: float,
+    variable_names: list[str],
+    *,
+    degree: int = 3,
+    include_bias: bool = True,
+    threshold: float = 0.5,
+    alpha: float = 0.05,
+    n_models: int = 100,
+    optimizer=None,
+) -> BaselineFit:
     """E-SINDy: bagging (bootstrap of size N with replacement) around STLSQ, or around `optimizer` if given.
 
     Mean and std (ddof 0) are taken over `coef_list`, the per-bag models; the bootstrap draws come from

@@ -59,8 +59,15 @@ def baseline_scores(case: Case, n_models: int, seed: int) -> dict[str, dict[str,
     threshold = SINDY_THRESHOLDS[case.system]
     sindy = fit_sindy(sim.x, x_dot, sim.dt, names, include_bias=spec.include_constant, threshold=threshold)
     np.random.seed(seed)  # E-SINDy draws its bootstrap indices from numpy's global generator
-    esindy = fit_esindy(sim.x, x_dot, sim.dt, names, include_bias=spec.include_constant, threshold=threshold,
-                        n_models=n_models)
+    esindy = fit_esindy(
+        sim.x,
+        x_dot,
+        sim.dt,
+        names,
+        include_bias=spec.include_constant,
+        threshold=threshold,
+        n_models=n_models,
+    )
     true_mean, true_std = true_coefficients(case.system, case.scale, sindy.feature_names, names)
     return {
         "sindy": score_coefficients(sindy.mean, sindy.std, true_mean, true_std),
@@ -92,7 +99,8 @@ def _support(scores: dict[str, float]) -> str:
 
 def build_table(runs_root: Path, n_models: int, seed: int) -> str:
     header = (
-        "| system, s | HS ours: mean-RMSE | HS ours: std-RMSE vs s / vs 0.833s | HS ours: TP/FP/FN | epochs | "
+        "| system, s | HS ours: mean-RMSE | HS ours: std-RMSE vs s / vs 0.833s | HS ours: TP/FP/FN "
+        "| epochs | "
         "HS published: mean / std vs s / vs 0.833s · TP/FP/FN | SINDy mean / std RMSE · TP/FP/FN | "
         "E-SINDy mean / std RMSE · TP/FP/FN |\n|---|---|---|---|---|---|---|---|"
     )
@@ -103,13 +111,16 @@ def build_table(runs_root: Path, n_models: int, seed: int) -> str:
         if run is None:
             ours = "not run | - | - | -"
         else:
-            ours = (f"{run['coef_mean_rmse']:.3f} | {run['coef_std_rmse_vs_s']:.3f} / "
-                    f"{run['coef_std_rmse_vs_0.833s']:.3f} | {int(run['support_tp'])}/{int(run['support_fp'])}/"
-                    f"{int(run['support_fn'])} | {int(run['epochs_trained'])}")
+            ours = (
+                f"{run['coef_mean_rmse']:.3f} | {run['coef_std_rmse_vs_s']:.3f} / "
+                f"{run['coef_std_rmse_vs_0.833s']:.3f} | {int(run['support_tp'])}/{int(run['support_fp'])}/"
+                f"{int(run['support_fn'])} | {int(run['epochs_trained'])}"
+            )
         mean, std_s, std_att, (tp, fp, fn) = case.published
         sindy, esindy = scores["sindy"], scores["esindy"]
         rows.append(
-            f"| {case.system} {case.scale:g} | {ours} | {mean:.3f} / {std_s:.3f} / {std_att:.3f} · {tp}/{fp}/{fn} | "
+            f"| {case.system} {case.scale:g} | {ours} "
+            f"| {mean:.3f} / {std_s:.3f} / {std_att:.3f} · {tp}/{fp}/{fn} | "
             f"{sindy['mean_rmse']:.3f} / {sindy['std_rmse_vs_s']:.3f} · {_support(sindy)} | "
             f"{esindy['mean_rmse']:.3f} / {esindy['std_rmse_vs_s']:.3f} · {_support(esindy)} |"
         )

@@ -27,11 +27,18 @@ class PolynomialLibrary(nn.Module):
     batch costs one gather and one product per degree.
     """
 
-    def __init__(self, state_dim: int, degree: int = 3, include_constant: bool = True,
-                 variable_names: list[str] | None = None):
+    def __init__(
+        self,
+        state_dim: int,
+        degree: int = 3,
+        include_constant: bool = True,
+        variable_names: list[str] | None = None,
+    ):
         super().__init__()
         if degree < 1:
-            raise ValueError(f"library degree={degree} is invalid: use a polynomial degree >= 1 (3 in the paper).")
+            raise ValueError(
+                f"library degree={degree} is invalid: use a polynomial degree >= 1 (3 in the paper)."
+            )
         if state_dim < 1:
             raise ValueError(f"state_dim={state_dim} is invalid: use a positive state dimension.")
         names = list(variable_names) if variable_names else [f"x{i}" for i in range(state_dim)]
@@ -42,7 +49,9 @@ class PolynomialLibrary(nn.Module):
         self.include_constant = include_constant
         self.variable_names = names
 
-        combos_by_degree = [list(combinations_with_replacement(range(state_dim), k)) for k in range(degree + 1)]
+        combos_by_degree = [
+            list(combinations_with_replacement(range(state_dim), k)) for k in range(degree + 1)
+        ]
         terms = [()] if include_constant else []
         for k in range(1, degree + 1):
             terms.extend(combos_by_degree[k])

@@ -48,10 +48,16 @@ def derivative_label(name: str) -> str:
 
 
 def format_equations(
-    mean: np.ndarray, std: np.ndarray | None, feature_names: list[str], variable_names: list[str],
+    mean: np.ndarray,
+    std: np.ndarray | None,
+    feature_names: list[str],
+    variable_names: list[str],
     precision: int = 2,
 ) -> list[str]:
-    """One line per state dimension, e.g. 'ẋ = -9.90(±0.28) x + 10.04(±0.22) y'; zero-mean terms are left out."""
+    """Format one line per state dimension, e.g. 'ẋ = -9.90(±0.28) x + 10.04(±0.22) y'.
+
+    Terms whose mean is exactly zero are left out.
+    """
     lines = []
     for d, var in enumerate(variable_names):
         terms = []

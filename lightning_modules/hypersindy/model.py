@@ -31,9 +31,12 @@ class Encoder(nn.Module):
     def __init__(self, state_dim: int, z_dim: int, hidden: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Linear(2 * state_dim, hidden), nn.ELU(),
-            nn.Linear(hidden, hidden), nn.ELU(),
-            nn.Linear(hidden, hidden), nn.ELU(),
+            nn.Linear(2 * state_dim, hidden),
+            nn.ELU(),
+            nn.Linear(hidden, hidden),
+            nn.ELU(),
+            nn.Linear(hidden, hidden),
+            nn.ELU(),
             nn.Linear(hidden, z_dim),
         )
         self.mu = nn.Linear(z_dim, z_dim)
@@ -88,7 +91,7 @@ class HardConcreteGate(nn.Module):
         return self.deterministic().unsqueeze(0)
 
     def expected_l0(self, mask: torch.Tensor) -> torch.Tensor:
-        """Expected number of open gates over the entries the mask keeps: sum M * sigmoid(log_alpha - shift)."""
+        """Return the expected number of open gates among kept entries, sum M * sigmoid(log_alpha - shift)."""
         return (mask * torch.sigmoid(self.log_alpha - L0_SHIFT)).sum()
 
 

@@ -17,7 +17,13 @@ from lightning.pytorch import LightningModule
 
 from lightning_modules.hypersindy.library import PolynomialLibrary
 from lightning_modules.hypersindy.metrics import format_equations, score_coefficients
-from lightning_modules.hypersindy.model import Encoder, HardConcreteGate, HyperNetwork, kl_standard_normal, xavier_init
+from lightning_modules.hypersindy.model import (
+    Encoder,
+    HardConcreteGate,
+    HyperNetwork,
+    kl_standard_normal,
+    xavier_init,
+)
 from lightning_modules.hypersindy.schedule import LossWeights, advance, is_threshold_epoch, scale_epochs
 
 log = logging.getLogger(__name__)
@@ -97,7 +103,7 @@ class HyperSINDyModule(LightningModule):
             lr_gamma: ExponentialLR decay per epoch.
             beta_init: KL weight in epoch 0.
             beta_max: KL weight cap reached after the warm-up.
-            beta_warmup_epochs: epochs for beta to grow from beta_init to beta_max (in steps of beta_max / this).
+            beta_warmup_epochs: epochs for beta to grow to beta_max, in steps of beta_max / this value.
             beta_spike: KL weight (and new cap) from `beta_spike_epoch` on; None for no spike.
             beta_spike_epoch: 0-based epoch from which beta_spike holds.
             lambda_init: L0 weight in epoch 0.
@@ -116,8 +122,12 @@ class HyperSINDyModule(LightningModule):
         super().__init__()
         if dt <= 0:
             raise ValueError(f"dt={dt} is invalid: the time step must be positive, e.g. 0.01.")
-        for name, value in (("beta_warmup_epochs", beta_warmup_epochs), ("threshold_interval", threshold_interval),
-                            ("threshold_samples", threshold_samples), ("eval_samples", eval_samples)):
+        for name, value in (
+            ("beta_warmup_epochs", beta_warmup_epochs),
+            ("threshold_interval", threshold_interval),
+            ("threshold_samples", threshold_samples),
+            ("eval_samples", eval_samples),
+        ):
             if value < 1:
                 raise ValueError(f"{name}={value} is invalid: use a positive integer.")
         self.save_hyperparameters()
@@ -163,8 +173,9 @@ class HyperSINDyModule(LightningModule):
         trainer = self._trainer
         if trainer is None:
             return
-        self.schedule_epochs = scale_epochs(self._configured_epochs(), self.hparams.schedule_reference_epochs,
-                                   trainer.max_epochs)
+        self.schedule_epochs = scale_epochs(
+            self._configured_epochs(), self.hparams.schedule_reference_epochs, trainer.max_epochs
+        )
         if self.schedule_epochs != self._configured_epochs():
             log.info("schedule scaled to %s epochs: %s", trainer.max_epochs, self.schedule_epochs)
         datamodule = getattr(trainer, "datamodule", None)
@@ -210,9 +221,11 @@ class HyperSINDyModule(LightningModule):
         if not bool(torch.isfinite(loss)):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx} "
-                f"(recon={recon.item():.4g}, beta*KL={kl_weighted.item():.4g}, lambda*L0={l0_weighted.item():.4g}), "
+                f"(recon={recon.item():.4g}, beta*KL={kl_weighted.item():.4g}, "
+                f"lambda*L0={l0_weighted.item():.4g}), "
                 "so training stopped before this step's update and the last checkpoint is the last good one: "
-                "lower model.init_args.learning_rate or data.init_args.noise_scale and resume with --ckpt_path=last."
+                "lower model.init_args.learning_rate or data.init_args.noise_scale "
+                "and resume with --ckpt_path=last."
             )
         self._epoch_sums += torch.stack([recon.detach(), kl_weighted.detach(), l0_weighted.detach()])
         self._epoch_batches += 1
@@ -227,27 +240,46 @@ class HyperSINDyModule(LightningModule):
         if self._epoch_batches:
             recon, kl_w, l0_w = (self._epoch_sums / self._epoch_batches).tolist()
             self.log_dict(
-                {"train/recon": recon, "train/kl_weighted": kl_w, "train/l0_weighted": l0_w,
-                 "train/loss": recon + kl_w + l0_w, "train/beta": self.loss_weights.beta,
-                 "train/lambda": self.loss_weights.lam, "train/active_terms": float(self.threshold_mask.sum())},
-                on_step=False, on_epoch=True, sync_dist=True,
+                {
+                    "train/recon": recon,
+                    "train/kl_weighted": kl_w,
+                    "train/l0_weighted": l0_w,
+                    "train/loss": recon + kl_w + l0_w,
+                    "train/beta": self.loss_weights.beta,
+                    "train/lambda": self.loss_weights.lam,
+                    "train/active_terms": float(self.threshold_mask.sum()),
+                },
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
             )
         if is_threshold_epoch(epoch, self.schedule_epochs["threshold_interval"]):
             self.update_threshold_mask()
-        advance(self.loss_weights, epoch, self.schedule_epochs["beta_warmup"], self.hparams.beta_spike,
-                self.schedule_epochs["beta_spike_epoch"], self.hparams.lambda_spike, self.schedule_epochs["lambda_spike_epoch"])
+        advance(
+            self.loss_weights,
+            epoch,
+            self.schedule_epochs["beta_warmup"],
+            self.hparams.beta_spike,
+            self.schedule_epochs["beta_spike_epoch"],
+            self.hparams.lambda_spike,
+            self.schedule_epochs["lambda_spike_epoch"],
+        )
 
     @torch.no_grad()
     def update_threshold_mask(self) -> None:
-        """Prune, for good, entries whose mean over prior samples (stochastic gates) is below the threshold."""
+        """Prune for good the entries whose prior-sample mean (train-mode gates) is under the threshold."""
         was_training = self.gate.training
         self.gate.train()
         z = torch.randn(self.hparams.threshold_samples, self.z_dim, device=self.device)
         mean = self.coefficients(z).mean(0)
         self.gate.train(was_training)
         self.threshold_mask[mean.abs() < self.hparams.threshold] = 0.0
-        log.info("epoch %d: threshold mask keeps %d of %d terms", self.current_epoch,
-                 int(self.threshold_mask.sum()), self.threshold_mask.numel())
+        log.info(
+            "epoch %d: threshold mask keeps %d of %d terms",
+            self.current_epoch,
+            int(self.threshold_mask.sum()),
+            self.threshold_mask.numel(),
+        )
 
     # -------------------------------------------------------------- evaluation
     def _eval_step(self, batch, stage: str) -> None:
@@ -288,20 +320,23 @@ class HyperSINDyModule(LightningModule):
     @torch.no_grad()
     def sample_coefficients(self, n_samples: int, seed: int | None = None) -> torch.Tensor:
         """Coefficient matrices (n, L, D) from z ~ N(0, I) with the deterministic (eval) gate."""
-        generator = torch.Generator(device="cpu").manual_seed(self.hparams.eval_seed if seed is None else seed)
+        generator = torch.Generator(device="cpu").manual_seed(
+            self.hparams.eval_seed if seed is None else seed
+        )
         z = torch.randn(n_samples, self.z_dim, generator=generator).to(self.device)
         gate = self.gate.deterministic()
         return self.hypernet(z) * gate * self.threshold_mask
 
     def coefficient_stats(self, n_samples: int | None = None, seed: int | None = None):
-        """Per-entry mean and std (unbiased) of the coefficients over prior samples, as (L, D) numpy arrays."""
+        """Return the per-entry mean and unbiased std over prior samples as (L, D) numpy arrays."""
         xi = self.sample_coefficients(n_samples or self.hparams.eval_samples, seed).double()
         return xi.mean(0).cpu().numpy(), xi.std(0).cpu().numpy()
 
     def score(self, n_samples: int | None = None) -> dict[str, float]:
         mean, std = self.coefficient_stats(n_samples)
-        return score_coefficients(mean, std, self.true_mean.double().cpu().numpy(),
-                                  self.true_std.double().cpu().numpy())
+        return score_coefficients(
+            mean, std, self.true_mean.double().cpu().numpy(), self.true_std.double().cpu().numpy()
+        )
 
     def equations(self, n_samples: int | None = None, precision: int = 2) -> list[str]:
         mean, std = self.coefficient_stats(n_samples)
@@ -309,8 +344,13 @@ class HyperSINDyModule(LightningModule):
 
     @torch.no_grad()
     def sample_trajectories(
-        self, x0: torch.Tensor | np.ndarray, n_steps: int, n_samples: int = 10, dt: float | None = None,
-        seed: int = 5281998, bound: float = 1e6,
+        self,
+        x0: torch.Tensor | np.ndarray,
+        n_steps: int,
+        n_samples: int = 10,
+        dt: float | None = None,
+        seed: int = 5281998,
+        bound: float = 1e6,
     ) -> SampledTrajectories:
         """Euler trajectories x <- x + dt Theta(x) Xi(z) with a fresh z per sample and per step.
 
@@ -340,7 +380,9 @@ class HyperSINDyModule(LightningModule):
         return SampledTrajectories(states.cpu(), diverged.cpu(), diverged_step.cpu())
 
     @torch.no_grad()
-    def mean_trajectory(self, x0, n_steps: int, n_samples: int | None = None, bound: float = 1e6) -> SampledTrajectories:
+    def mean_trajectory(
+        self, x0, n_steps: int, n_samples: int | None = None, bound: float = 1e6
+    ) -> SampledTrajectories:
         """Euler trajectory of the deterministic ODE whose coefficients are the mean over prior samples."""
         mean = self.sample_coefficients(n_samples or 250).mean(0, keepdim=True)
         x = torch.as_tensor(np.asarray(x0, dtype=np.float32), device=self.device).reshape(1, -1)
@@ -362,9 +404,15 @@ class HyperSINDyModule(LightningModule):
         hp = self.hparams
         # The fused kernel updates all 30 k parameters in one call; the default per-tensor loop costs about
         # twice as much per step on a CPU for this small model.
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay,
-                                      betas=(0.9, 0.999), eps=1e-8, amsgrad=True,
-                                      fused=self.device.type in ("cpu", "cuda"))
+        optimizer = torch.optim.AdamW(
+            self.parameters(),
+            lr=hp.learning_rate,
+            weight_decay=hp.weight_decay,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            amsgrad=True,
+            fused=self.device.type in ("cpu", "cuda"),
+        )
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=hp.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
@@ -390,9 +438,15 @@ class HyperSINDyModule(LightningModule):
         report["epochs_trained"] = float(self.current_epoch)
         if bool(self.has_truth):
             scores = self.score()
-            report.update({"coef_mean_rmse": scores["mean_rmse"],
-                           "coef_std_rmse_vs_s": scores["std_rmse_vs_s"],
-                           "coef_std_rmse_vs_0.833s": scores["std_rmse_vs_attenuated"],
-                           "support_tp": scores["tp"], "support_fp": scores["fp"], "support_fn": scores["fn"]})
+            report.update(
+                {
+                    "coef_mean_rmse": scores["mean_rmse"],
+                    "coef_std_rmse_vs_s": scores["std_rmse_vs_s"],
+                    "coef_std_rmse_vs_0.833s": scores["std_rmse_vs_attenuated"],
+                    "support_tp": scores["tp"],
+                    "support_fp": scores["fp"],
+                    "support_fn": scores["fn"],
+                }
+            )
         report["equations"] = "\n" + "\n".join(self.equations())
         return report

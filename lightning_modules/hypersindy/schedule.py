@@ -35,15 +35,25 @@ class ScheduleEpochs:
 def scale_epochs(
     epochs: dict[str, int | None], reference_epochs: int | None, max_epochs: int | None
 ) -> dict[str, int | None]:
-    """Scale epoch counts by max_epochs / reference_epochs (rounded, at least 1); unchanged when either is None."""
+    """Scale epoch counts by max_epochs / reference_epochs, rounded and at least 1.
+
+    The counts stay unchanged when either run length is None.
+    """
     if reference_epochs is None or max_epochs is None or max_epochs < 0 or max_epochs == reference_epochs:
         return dict(epochs)
     factor = max_epochs / reference_epochs
     return {k: (None if v is None else max(1, round(v * factor))) for k, v in epochs.items()}
 
 
-def advance(weights: LossWeights, epoch: int, warmup: int, beta_spike: float | None, beta_spike_epoch: int | None,
-            lambda_spike: float | None, lambda_spike_epoch: int | None) -> None:
+def advance(
+    weights: LossWeights,
+    epoch: int,
+    warmup: int,
+    beta_spike: float | None,
+    beta_spike_epoch: int | None,
+    lambda_spike: float | None,
+    lambda_spike_epoch: int | None,
+) -> None:
     """Update the weights at the end of 0-based epoch `epoch`.
 
     beta grows by beta_max / warmup per epoch up to beta_max (so beta(e) = min(beta_0 + 0.1 e, 10) with the
@@ -59,5 +69,5 @@ def advance(weights: LossWeights, epoch: int, warmup: int, beta_spike: float | N
 
 
 def is_threshold_epoch(epoch: int, interval: int) -> bool:
-    """The permanent mask is updated at the end of 0-based epochs interval, 2 interval, ... (never epoch 0)."""
+    """Tell whether the mask update is due after 0-based epoch `epoch`: interval, 2 interval, ..., never 0."""
     return epoch > 0 and epoch % interval == 0
