@@ -49,5 +49,8 @@ bench: $(STAMP)  ## speed and memory benchmarks; prints ratios, writes docs/BENC
 lint: $(STAMP)  ## ruff check
 	$(BIN)/ruff check .
 
+compare: $(STAMP)  ## regenerate the comparison table of TASK in docs/RESULTS.md (hypersindy: vs SINDy and E-SINDy)
+	$(BIN)/python -m lightning_modules.$(TASK).compare $(ARGS)
+
 clean:  ## remove run folders and cached data (keeps .venv)
 	rm -rf runs data
