@@ -21,7 +21,8 @@ def tetrominoes():
 
 def test_tetrominoes_class_set_and_shapes(tetrominoes):
     images, masks, _ = tetrominoes
-    assert images.shape == (1000, 64, 64, 3) and images.dtype == np.uint8
+    assert images.shape == (1000, 64, 64, 3)
+    assert images.dtype == np.uint8
     assert set(np.unique(masks)) == {0, 1, 2, 3, 4, 5}
 
 
@@ -83,8 +84,11 @@ def test_tetrominoes_tiny_variant_and_cache(tmp_path):
     module.setup()
     assert module.cache_file.is_file()
     images, masks = next(iter(module.train_dataloader()))
-    assert images.shape == (8, 3, 16, 16) and images.dtype == torch.float32
-    assert masks.dtype == torch.int64 and 0.0 <= images.min() and images.max() <= 1.0
+    assert images.shape == (8, 3, 16, 16)
+    assert images.dtype == torch.float32
+    assert masks.dtype == torch.int64
+    assert 0.0 <= images.min()
+    assert images.max() <= 1.0
 
 
 def test_tetrominoes_rejects_small_canvas():
@@ -143,7 +147,8 @@ def test_mnist_missing_files_error(tmp_path):
         module.setup()
     message = str(error.value)
     assert "\n" not in message
-    assert str(tmp_path / "mnist") in message and "train-images-idx3-ubyte" in message
+    assert str(tmp_path / "mnist") in message
+    assert "train-images-idx3-ubyte" in message
 
 
 def test_mnist_segmentation_from_idx(mnist_dir):
@@ -152,9 +157,11 @@ def test_mnist_segmentation_from_idx(mnist_dir):
     module.setup()
     assert [len(module.splits[s]) for s in ("train", "val", "test")] == [85, 15, 20]
     image, mask = module.splits["train"][0]
-    assert image.shape == (1, 56, 56) and mask.shape == (56, 56)
+    assert image.shape == (1, 56, 56)
+    assert mask.shape == (56, 56)
     labels = set(mask.unique().tolist())
-    assert 0 in labels and len(labels) == 2
+    assert 0 in labels
+    assert len(labels) == 2
     assert torch.equal(mask > 0, image[0] > 0.5)
 
 

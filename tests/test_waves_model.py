@@ -53,14 +53,16 @@ def test_readout_shapes_and_values():
     states = torch.randn(100, 2, 2, 5, 6)
     fft = TemporalReadout("fft", 100, 2)
     rows = fft(states)
-    assert rows.shape == (2 * 5 * 6, 102) and fft.out_features == 102
+    assert rows.shape == (2 * 5 * 6, 102)
+    assert fft.out_features == 102
     # Frequency-major features: index k * C + c; the DC bin is |sum_t y_t|.
     pixel = states[:, 1, :, 3, 4]  # (T, C) at image 1, row 3, column 4
     row = rows[1 * 30 + 3 * 6 + 4]
     torch.testing.assert_close(row[:2], pixel.sum(0).abs(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(row[2 * 5 + 1], torch.fft.rfft(pixel[:, 1]).abs()[5], rtol=1e-5, atol=1e-4)
     linear = TemporalReadout("linear", 100, 2)
-    assert linear.fc_time.bias is None and linear.fc_time.weight.shape == (51, 100)
+    assert linear.fc_time.bias is None
+    assert linear.fc_time.weight.shape == (51, 100)
     torch.testing.assert_close(linear(states)[1 * 30 + 3 * 6 + 4].view(51, 2), linear.fc_time.weight @ pixel)
     for name, reduce in (
         ("last", lambda s: s[-1]),
@@ -76,7 +78,8 @@ def test_unknown_choice_one_line_error(argument, valid):
         WaveSegmenter(**{argument: "spectral"})
     message = str(error.value)
     assert "\n" not in message
-    assert f"{argument}='spectral' is invalid" in message and valid in message
+    assert f"{argument}='spectral' is invalid" in message
+    assert valid in message
 
 
 def test_nan_loss_stops_training(tmp_path):
