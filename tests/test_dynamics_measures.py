@@ -292,4 +292,6 @@ def test_summary_flags_s_shape_and_phases():
     assert summary["speed/cls"]["last_phase_over_earlier"] == pytest.approx(4.0)
     linear = {"convergence": {"cls": [step / steps for step in range(steps + 1)][::-1]}}
     assert summarise(linear, [], steps)["convergence/cls"]["s_shaped"] is False
+    concave = {"convergence": {"cls": [1 - 0.7 ** step for step in range(steps)] + [1.0]}}
+    assert summarise(concave, [], steps)["convergence/cls"]["s_shaped"] is False  # fastest at the start
     assert phase_slices([5], steps) == [(1, 5), (6, 8)]
