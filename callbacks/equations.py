@@ -162,8 +162,11 @@ def plot_coefficients(samples: np.ndarray, pl_module: LightningModule, path: Pat
 
     true_mean = pl_module.true_mean.double().cpu().numpy()
     true_std = pl_module.true_std.double().cpu().numpy()
+    # True terms first, then the other active ones, at most 20 panels so the figure stays readable.
     active = (samples != 0).any(0) | (true_mean != 0)
-    entries = list(zip(*np.nonzero(active), strict=True))[:40]
+    true_terms = list(zip(*np.nonzero(true_mean != 0), strict=True))
+    others = [e for e in zip(*np.nonzero(active & (true_mean == 0)), strict=True)]
+    entries = (true_terms + others)[:20]
     if not entries:
         return
     cols = min(5, len(entries))

@@ -478,7 +478,11 @@ class IndexBatchSampler(EpochShuffleSampler):
 
 
 def batch_loader(dataset: TrajectoryTensors, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool):
-    """Build a DataLoader that slices whole batches out of in-memory tensors, with no workers."""
+    """Build a DataLoader that slices whole batches out of in-memory tensors, with no workers.
+
+    NOTE: only single-process training has run with this loader; under DDP Lightning wraps custom samplers,
+    and whether that wrapper splits these index batches across ranks is untested.
+    """
     sampler = IndexBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
     # A private generator: each new DataLoader iterator draws a base seed, and drawing it from the global
     # torch RNG would shift the stream by one draw per epoch, differently in a resumed run, where Lightning
@@ -631,6 +635,8 @@ class SDEDataModule(LightningDataModule):
         self.train_set = TrajectoryTensors(x[train_idx], dx_t[train_idx], dx_standardised[train_idx])
         self.val_set = TrajectoryTensors(x[val_idx], dx_t[val_idx], dx_standardised[val_idx])
 
+        # NOTE: Lotka-Volterra and Lorenz-96 have no published test initial state here, so their test
+        # trajectory starts from the training x0 with test_seed.
         test_x0 = self.spec.test_x0 or self.spec.x0
         try:
             test_sim = self._simulate(hp.test_seed, test_x0)

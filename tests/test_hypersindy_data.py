@@ -150,7 +150,8 @@ def test_diverging_simulation_names_step_and_fix():
         simulate("lorenz", 10.0, n_steps=2000, dt=0.1)
     message = str(info.value)
     assert "diverged at step" in message
-    assert "noise_scale" in message and "dt" in message
+    assert "noise_scale" in message
+    assert "dt" in message
     assert "\n" not in message
 
 
@@ -176,7 +177,8 @@ def test_datamodule_attributes_split_and_cache(tmp_path):
     )
     assert (dm.state_dim, dm.variable_names, dm.dt) == (3, ["x", "y", "z"], 0.01)
     dm.setup("fit")
-    assert len(dm.train_set) == 8000 and len(dm.val_set) == 2000
+    assert len(dm.train_set) == 8000
+    assert len(dm.val_set) == 2000
     assert list((tmp_path / "sde").glob("rossler_s1_seed1000*.npz"))
     dx = dm.train_set.dx
     np.testing.assert_allclose(
@@ -212,7 +214,9 @@ def test_true_coefficients_lotka_volterra():
     names = ["1", "x", "y", "x^2", "x y", "y^2"]
     mean, std = true_coefficients("lotka_volterra", 5.0, names, ["x", "y"])
     m = 1 + 5 * math.sqrt(2 / math.pi)
-    assert mean[1, 0] == pytest.approx(m) and mean[4, 0] == pytest.approx(-m)
-    assert mean[4, 1] == pytest.approx(m) and mean[2, 1] == pytest.approx(-m)
+    assert mean[1, 0] == pytest.approx(m)
+    assert mean[4, 0] == pytest.approx(-m)
+    assert mean[4, 1] == pytest.approx(m)
+    assert mean[2, 1] == pytest.approx(-m)
     assert std[1, 0] == pytest.approx(3.014, abs=1e-3)
     assert np.count_nonzero(mean) == 4

@@ -56,11 +56,12 @@ def test_gate_expected_l0_matches_monte_carlo():
     assert torch.max(torch.abs(monte_carlo - expected)) < 0.015
     mask = torch.ones(19, 3)
     assert gate.expected_l0(mask).item() == pytest.approx(expected.sum().item(), rel=1e-6)
-    assert samples.min() >= 0 and samples.max() <= 1
+    assert samples.min() >= 0
+    assert samples.max() <= 1
     assert not torch.equal(samples[0], samples[1])  # an independent gate per batch element
 
 
-def test_gate_at_init_costs_0832_per_entry_and_mask_prunes():
+def test_gate_l0_at_init_and_masked():
     torch.manual_seed(0)
     gate = HardConcreteGate(19, 3)
     mask = torch.ones(19, 3)
@@ -79,7 +80,8 @@ def test_eval_gate_is_deterministic_closed_form():
     assert torch.equal(first, second)
     expected = (torch.sigmoid(gate.log_alpha) * 1.2 - 0.1).clamp(0, 1)
     torch.testing.assert_close(first[0], expected)
-    assert first[0, 0, 0] == 0.0 and first[0, 3, 0] == 1.0
+    assert first[0, 0, 0] == 0.0
+    assert first[0, 3, 0] == 1.0
     assert 0 < first[0, 1, 0] < 1  # fractional gates exist in eval mode
 
 
@@ -120,7 +122,8 @@ def test_nan_loss_stops_with_message():
     dx = torch.full((8, 3), float("nan"))
     with pytest.raises(FloatingPointError, match="training loss is nan at epoch 0") as info:
         model.training_step((x, dx, dx), 0)
-    assert "--ckpt_path=last" in str(info.value) and "\n" not in str(info.value)
+    assert "--ckpt_path=last" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def run_schedule(
@@ -158,7 +161,8 @@ def test_spikes_at_different_epochs():
     )
     assert values[199] == (10.0, 0.01)
     assert values[200] == (100.0, 0.01)
-    assert values[299][1] == 0.01 and values[300][1] == 0.1
+    assert values[299][1] == 0.01
+    assert values[300][1] == 0.1
 
 
 def test_threshold_epochs_and_scaling():
@@ -205,7 +209,8 @@ def test_sampler_counts_and_freezes_diverged():
         model.gate.log_alpha.fill_(10.0)
     model.eval()
     out = model.sample_trajectories(np.array([1.0, 1.0]), 40, n_samples=4, bound=1e6)
-    assert out.num_diverged == 4 and out.diverged_fraction == 1.0
+    assert out.num_diverged == 4
+    assert out.diverged_fraction == 1.0
     assert torch.isfinite(out.states).all()
     step = int(out.diverged_step[0])
     assert 0 < step < 40
