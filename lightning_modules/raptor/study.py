@@ -30,7 +30,7 @@ COLUMNS = [
     ("probe_ratio", "probe ratio", "{:.3f}"),
     ("phase_contrast", "phase contrast", "{:.4f}"),
     ("phases", "phases", "{}"),
-    ("r2_mean", "R^2 mean", "{:.3f}"),
+    ("r2_mean", "R^2 mean", "{:.5f}"),
     ("r2_cls_mean", "R^2 cls", "{:.3f}"),
     ("r2_patch_mean", "R^2 patch", "{:.3f}"),
 ]
@@ -98,7 +98,7 @@ def correlations(rows: list[dict]) -> str:
     """Return the Spearman correlations of the phase contrast with R^2, probe ratio and teacher accuracy."""
     contrast = [row["phase_contrast"] for row in rows]
     parts = []
-    for key in ("r2_mean", "probe_ratio", "teacher_acc"):
+    for key in ("r2_cls_mean", "r2_mean", "probe_ratio", "teacher_acc"):
         rho = spearmanr(contrast, [row[key] for row in rows]).statistic
         parts.append(f"Spearman(contrast, {key}) = {rho:+.2f}")
     return f"{'; '.join(parts)} (n = {len(rows)} rates)."
