@@ -108,7 +108,7 @@ class HFImageDataset(Dataset):
 
 
 def hub_offline() -> bool:
-    """Tell whether the Hugging Face libraries were told to stay offline."""
+    """Tell whether HF_HUB_OFFLINE or HF_DATASETS_OFFLINE sets the Hugging Face libraries offline."""
     flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", ""))
     return any(flag.upper() in ("1", "ON", "YES", "TRUE") for flag in flags)
 
@@ -120,8 +120,8 @@ class ImageClassificationDataModule(LightningDataModule):
         dataset: "digits" (bundled, offline), a Hugging Face hub name, a local image folder (class
             subfolders) or a parquet file or folder. A relative local path is looked up in `data_dir` too.
         data_dir: folder for local data sets (default $DYNLAB_DATA, else ./data).
-        image_column: column that holds the images (PIL images or image dicts).
-        label_column: column that holds the integer or string labels.
+        image_column: column that contains the images (PIL images or image dicts).
+        label_column: column that contains the integer or string labels.
         train_split, val_split, test_split: split names of the Hugging Face dataset. A missing val split
             is carved out of train (stratified, `val_fraction`); a missing test split reuses val.
         val_fraction: share of train held out when the dataset has no val split.

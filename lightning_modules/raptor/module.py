@@ -74,7 +74,7 @@ class RaptorDistill(LightningModule):
         teacher_pretrained: for a timm name, download the hub weights.
         teacher_weights: for a timm name, a local state-dict file (.pth / .safetensors).
         teacher_kwargs: extra arguments for `timm.create_model` (e.g. {"depth": 4} for a small test).
-        train_teacher: train the vit task into the teacher run folder when it holds no checkpoint.
+        train_teacher: train the vit task into the teacher run folder when it contains no checkpoint.
         teacher_train_args: extra CLI arguments for that teacher run (e.g. a preset).
         k: number of phases and blocks; None picks it from `k_gain_threshold`.
         phase_boundaries: fixed phase end boundaries (1-based, last = depth), skipping discovery.
@@ -452,6 +452,8 @@ class RaptorDistill(LightningModule):
         return {"teacher": torch.cat(teacher), "raptor": torch.cat(raptor), "labels": torch.cat(labels)}
 
     def on_test_start(self) -> None:
+        # NOTE: under DDP every rank fits its probes on the full train and val loaders of its own process;
+        # the test accuracies are not gathered across ranks, so report them from single-device runs.
         datamodule = self.trainer.datamodule
         self.fidelity = FidelityR2(self.n_layers, self.token_groups)
         self.test_features: dict[str, list[Tensor]] = {"teacher": [], "raptor": [], "labels": []}
