@@ -300,7 +300,10 @@ class RaptorDistill(LightningModule):
         path = Path(self.trainer.default_root_dir) / "figures" / "phases.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         plot_similarity(
-            self.similarity, self.boundaries, path, title=f"teacher layer similarity ({self.teacher_source})"
+            self.similarity,
+            self.boundaries,
+            path,
+            title=f"teacher layer similarity, phases {describe_phases(self.boundaries)}",
         )
         if isinstance(self.logger, WandbLogger):
             self.logger.log_image(key="phases/similarity", images=[str(path)])
