@@ -17,6 +17,11 @@ CALLBACK = (
     "--trainer.callbacks.perturb_alphas=[0.05]",
     "--trainer.callbacks.num_phases=2",
 )
+# One training batch and no test stage on top of the smoke preset: the callback, not training, is under test.
+SHORT = (
+    "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+    "--test_after_fit=false",
+)
 CLASSIFIER_OUTPUTS = ("similarity", "convergence", "basins", "perturbation", "speed", "coherence", "rank")
 
 
@@ -31,7 +36,7 @@ def check_folder(folder, names):
 
 
 def test_vit_smoke_run_writes_all_outputs(run_cli):
-    run_dir = run_cli("fit", "vit", "--config", SMOKE, *CALLBACK)
+    run_dir = run_cli("fit", "vit", "--config", SMOKE, *SHORT, *CALLBACK)
     folder = run_dir / "figures" / "dynamics"
     summary = check_folder(folder, CLASSIFIER_OUTPUTS)
     convergence = json.loads((folder / "convergence.json").read_text())
@@ -42,7 +47,7 @@ def test_vit_smoke_run_writes_all_outputs(run_cli):
 
 def test_raptor_smoke_run_teacher_and_raptor(run_cli):
     run_dir = run_cli(
-        "fit", "raptor", "--config", SMOKE,
+        "fit", "raptor", "--config", SMOKE, *SHORT,
         "--model.init_args.teacher=vit_tiny_patch16_224", "--model.init_args.teacher_pretrained=false",
         "--model.init_args.teacher_kwargs={patch_size: 4, depth: 4, embed_dim: 32, num_heads: 2}",
         "--model.init_args.phase_images=64",
@@ -59,7 +64,7 @@ def test_raptor_smoke_run_teacher_and_raptor(run_cli):
 
 
 def test_waves_smoke_run_writes_unlabelled_outputs(run_cli):
-    run_dir = run_cli("fit", "waves", "--config", SMOKE, *CALLBACK, "--model.init_args.steps=12")
+    run_dir = run_cli("fit", "waves", "--config", SMOKE, *SHORT, *CALLBACK, "--model.init_args.steps=12")
     folder = run_dir / "figures" / "dynamics"
     check_folder(folder, ("similarity", "convergence", "perturbation", "speed", "coherence", "rank"))
     assert not (folder / "basins.json").exists()  # segmentation has no class labels
