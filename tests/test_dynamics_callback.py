@@ -320,3 +320,17 @@ def flatten(value) -> list[float]:
     if isinstance(value, bool) or isinstance(value, str):
         return []
     return [float("nan") if value is None else float(value)]
+
+
+def test_wandb_rows_cover_curves_matrix_and_records():
+    from callbacks.dynamics.callback import flatten_rows
+
+    rows = flatten_rows({
+        "matrix": [[1.0, 0.5], [0.5, 1.0]],
+        "cls": [0.2, 1.0],
+        "records": [{"depth": 1, "alpha": 0.1, "groups": {"cls": {"curve": [0.1, 0.05], "contraction": 0.5}}}],
+    })
+    assert ["matrix/1", 0, 0.5] in rows
+    assert ["cls", 1, 1.0] in rows
+    assert ["l0=1 alpha=0.1 cls", 2, 0.05] in rows
+    assert len(rows) == 8

@@ -414,6 +414,8 @@ def flatten_rows(numbers: dict, prefix: str = "") -> list[list]:
             rows += flatten_rows(value, prefix=f"{name}/")
         elif isinstance(value, list) and value and isinstance(value[0], (int, float)):
             rows += [[name, i, float(v)] for i, v in enumerate(value)]
+        elif isinstance(value, list) and value and isinstance(value[0], list):  # a matrix: one series per row
+            rows += [[f"{name}/{r}", i, float(v)] for r, row in enumerate(value) for i, v in enumerate(row)]
     return rows
 
 
