@@ -204,7 +204,7 @@ class DynamicsAnalysis(Callback):
         Rank r takes probe positions r, r + W, ...; shares are padded to equal length by repeating a
         position so that `all_gather` gets equal shapes, and rank 0 puts the samples back in probe order. The
         perturbation test runs here, batch by batch, because a model's rollout may hold per-sample inputs
-        of the batch it came from; its per-sample distances are gathered like the states. Returns
+        of the batch it came from. Its per-sample distances are gathered like the states. Returns
         (trajectory, perturbation) on rank 0, where perturbation holds the per-sample distances, and
         None on the other ranks.
         """
