@@ -22,8 +22,15 @@ EXPECTED = ("similarity", "convergence", "basins", "perturbation", "speed", "coh
 class ToyTokenData(LightningDataModule):
     """Gaussian clusters in 12 dimensions, one per class; the validation split is fixed by `seed`."""
 
-    def __init__(self, num_classes: int = 3, n_samples: int = 96, batch_size: int = 16, subset: int | None = None,
-                 num_workers: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        num_classes: int = 3,
+        n_samples: int = 96,
+        batch_size: int = 16,
+        subset: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.batch_size = batch_size
@@ -53,7 +60,9 @@ class ToyTokenModel(LightningModule):
     samples of the batch it came from, as in the wave network.
     """
 
-    def __init__(self, num_classes: int = 3, dim: int = 8, n_tokens: int = 5, depth: int = 6, lr: float = 1e-2):
+    def __init__(
+        self, num_classes: int = 3, dim: int = 8, n_tokens: int = 5, depth: int = 6, lr: float = 1e-2
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.embed = nn.Linear(12, n_tokens * dim)
@@ -132,8 +141,15 @@ def small_callback(**overrides) -> DynamicsAnalysis:
 
 def fit_toy(tmp_path: Path, callback: DynamicsAnalysis, lr: float = 1e-2, **trainer_args) -> Trainer:
     trainer = Trainer(
-        default_root_dir=tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
         **trainer_args,
     )
     torch.manual_seed(0)
@@ -209,8 +225,16 @@ def test_sources_write_folders_and_comparison(tmp_path):
             return trajectory
 
     callback = small_callback(measures=("convergence", "speed", "rank"), sources=["teacher", "student"])
-    trainer = Trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback])
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[callback],
+    )
     trainer.fit(TwoSourceModel(), datamodule=ToyTokenData())
     folder = tmp_path / "figures" / "dynamics"
     check_outputs(folder / "teacher", ("convergence", "speed", "rank"))
@@ -222,9 +246,16 @@ def test_model_without_trajectory_is_rejected(tmp_path):
     class Plain(ToyTokenModel):
         trajectory = None
 
-    trainer = Trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      callbacks=[small_callback()])
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[small_callback()],
+    )
     with pytest.raises(TypeError, match="trajectory"):
         trainer.fit(Plain(), datamodule=ToyTokenData())
 
@@ -255,18 +286,32 @@ def run_toy_cli(tmp_path, monkeypatch, *args: str) -> Path:
     config = tmp_path / "toy.yaml"
     config.write_text(TOY_CONFIG)
     entry = getattr(cli, "run", None) or cli.main
-    return entry([
-        args[0], "--config", "configs/base.yaml", "--config", str(config), "--config", "configs/presets/smoke.yaml",
-        *args[1:], "--runs_root", str(tmp_path / "runs"),
-    ]).run_dir
+    return entry(
+        [
+            args[0],
+            "--config",
+            "configs/base.yaml",
+            "--config",
+            str(config),
+            "--config",
+            "configs/presets/smoke.yaml",
+            *args[1:],
+            "--runs_root",
+            str(tmp_path / "runs"),
+        ]
+    ).run_dir
 
 
 def test_cli_append_flags_then_validate_checkpoint(tmp_path, monkeypatch):
     run_dir = run_toy_cli(
-        tmp_path, monkeypatch, "fit",
+        tmp_path,
+        monkeypatch,
+        "fit",
         "--trainer.callbacks+=callbacks.dynamics.DynamicsAnalysis",
-        "--trainer.callbacks.probe_size=20", "--trainer.callbacks.perturb_seeds=1",
-        "--trainer.callbacks.perturb_alphas=[0.05]", "--trainer.callbacks.num_phases=2",
+        "--trainer.callbacks.probe_size=20",
+        "--trainer.callbacks.perturb_seeds=1",
+        "--trainer.callbacks.perturb_alphas=[0.05]",
+        "--trainer.callbacks.num_phases=2",
     )
     folder = run_dir / "figures" / "dynamics"
     numbers = check_outputs(folder)
@@ -276,8 +321,12 @@ def test_cli_append_flags_then_validate_checkpoint(tmp_path, monkeypatch):
         path.unlink()
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     run_toy_cli(
-        tmp_path, monkeypatch, "validate", f"--ckpt_path={checkpoint}",
-        "--trainer.callbacks+=callbacks.dynamics.DynamicsAnalysis", "--trainer.callbacks.probe_size=20",
+        tmp_path,
+        monkeypatch,
+        "validate",
+        f"--ckpt_path={checkpoint}",
+        "--trainer.callbacks+=callbacks.dynamics.DynamicsAnalysis",
+        "--trainer.callbacks.probe_size=20",
         "--trainer.callbacks.measures=[convergence,rank]",
     )
     again = check_outputs(folder, ("convergence", "rank"))
@@ -300,16 +349,22 @@ def test_ddp_spawn_writes_once_and_matches_single_process(tmp_path):
     # lr = 0 keeps the initial weights, so both runs analyse the same model although DDP splits the data.
     single = small_callback(probe_size=21)  # odd size: the two shares are padded to equal length
     fit_toy(tmp_path / "single", single, lr=0.0, accelerator="cpu", devices=1)
-    ddp = RecordingAnalysis(probe_size=21, batch_size=8, perturb_seeds=2, perturb_alphas=(0.01, 0.1), num_phases=2)
+    ddp = RecordingAnalysis(
+        probe_size=21, batch_size=8, perturb_seeds=2, perturb_alphas=(0.01, 0.1), num_phases=2
+    )
     fit_toy(tmp_path / "ddp", ddp, lr=0.0, accelerator="cpu", devices=2, strategy="ddp_spawn")
     assert (tmp_path / "ddp" / "writers.txt").read_text().split() == ["0"]
 
     single_numbers = check_outputs(tmp_path / "single" / "figures" / "dynamics")
     ddp_numbers = check_outputs(tmp_path / "ddp" / "figures" / "dynamics")
-    leftovers = sorted(p.name for p in (tmp_path / "ddp" / "figures" / "dynamics").iterdir() if p.suffix == ".tmp")
+    leftovers = sorted(
+        p.name for p in (tmp_path / "ddp" / "figures" / "dynamics").iterdir() if p.suffix == ".tmp"
+    )
     assert leftovers == []
     for name in EXPECTED:
-        assert flatten(ddp_numbers[name]) == pytest.approx(flatten(single_numbers[name]), abs=1e-5, nan_ok=True)
+        assert flatten(ddp_numbers[name]) == pytest.approx(
+            flatten(single_numbers[name]), abs=1e-5, nan_ok=True
+        )
 
 
 def flatten(value) -> list[float]:
@@ -325,11 +380,15 @@ def flatten(value) -> list[float]:
 def test_wandb_rows_cover_curves_matrix_and_records():
     from callbacks.dynamics.callback import flatten_rows
 
-    rows = flatten_rows({
-        "matrix": [[1.0, 0.5], [0.5, 1.0]],
-        "cls": [0.2, 1.0],
-        "records": [{"depth": 1, "alpha": 0.1, "groups": {"cls": {"curve": [0.1, 0.05], "contraction": 0.5}}}],
-    })
+    rows = flatten_rows(
+        {
+            "matrix": [[1.0, 0.5], [0.5, 1.0]],
+            "cls": [0.2, 1.0],
+            "records": [
+                {"depth": 1, "alpha": 0.1, "groups": {"cls": {"curve": [0.1, 0.05], "contraction": 0.5}}}
+            ],
+        }
+    )
     assert ["matrix/1", 0, 0.5] in rows
     assert ["cls", 1, 1.0] in rows
     assert ["l0=1 alpha=0.1 cls", 2, 0.05] in rows

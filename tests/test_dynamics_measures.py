@@ -239,7 +239,9 @@ def test_perturbation_contracting_map_self_corrects():
     def classify(final):
         return final[:, 0, :2]
 
-    records = measures.perturbation_test(states, rollout, GROUPS, depths=[2], alphas=[0.1], seeds=[0], classify=classify)
+    records = measures.perturbation_test(
+        states, rollout, GROUPS, depths=[2], alphas=[0.1], seeds=[0], classify=classify
+    )
     assert records[0]["groups"]["cls"]["contraction"] < 0.2
     assert records[0]["agreement"] == 1.0
 
@@ -292,6 +294,6 @@ def test_summary_flags_s_shape_and_phases():
     assert summary["speed/cls"]["last_phase_over_earlier"] == pytest.approx(4.0)
     linear = {"convergence": {"cls": [step / steps for step in range(steps + 1)][::-1]}}
     assert summarise(linear, [], steps)["convergence/cls"]["s_shaped"] is False
-    concave = {"convergence": {"cls": [1 - 0.7 ** step for step in range(steps)] + [1.0]}}
+    concave = {"convergence": {"cls": [1 - 0.7**step for step in range(steps)] + [1.0]}}
     assert summarise(concave, [], steps)["convergence/cls"]["s_shaped"] is False  # fastest at the start
     assert phase_slices([5], steps) == [(1, 5), (6, 8)]

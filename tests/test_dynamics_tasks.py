@@ -19,7 +19,9 @@ CALLBACK = (
 )
 # One training batch and no test stage on top of the smoke preset: the callback, not training, is under test.
 SHORT = (
-    "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=1",
+    "--trainer.limit_val_batches=1",
     "--test_after_fit=false",
 )
 CLASSIFIER_OUTPUTS = ("similarity", "convergence", "basins", "perturbation", "speed", "coherence", "rank")
@@ -47,11 +49,17 @@ def test_vit_smoke_run_writes_all_outputs(run_cli):
 
 def test_raptor_smoke_run_teacher_and_raptor(run_cli):
     run_dir = run_cli(
-        "fit", "raptor", "--config", SMOKE, *SHORT,
-        "--model.init_args.teacher=vit_tiny_patch16_224", "--model.init_args.teacher_pretrained=false",
+        "fit",
+        "raptor",
+        "--config",
+        SMOKE,
+        *SHORT,
+        "--model.init_args.teacher=vit_tiny_patch16_224",
+        "--model.init_args.teacher_pretrained=false",
         "--model.init_args.teacher_kwargs={patch_size: 4, depth: 4, embed_dim: 32, num_heads: 2}",
         "--model.init_args.phase_images=64",
-        *CALLBACK, "--trainer.callbacks.sources=[teacher,raptor]",
+        *CALLBACK,
+        "--trainer.callbacks.sources=[teacher,raptor]",
     )
     folder = run_dir / "figures" / "dynamics"
     for source in ("teacher", "raptor"):

@@ -1,4 +1,4 @@
-"""The Lightning callback that runs the dynamical measures on a fixed probe set and writes figures and numbers."""
+"""The Lightning callback that runs the dynamical measures on a fixed probe set and writes the outputs."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ class DynamicsAnalysis(Callback):
         perturb_seeds: Number of noise draws per depth and size.
         rank_pool_size: Images stacked into the pooled update matrix of the rank measure.
         tangential_rank: Keep only the part of each update orthogonal to its state in the rank measure.
-        coherence_group: Token group whose coherence is measured (all tokens when the model has no such group).
+        coherence_group: Token group whose coherence is measured (all tokens if the model has no such
+            group).
         sources: Values passed as `trajectory(batch, source=...)`, one output folder each plus a side-by-side
             `comparison.png` (e.g. ["teacher", "student"] on Raptor). None calls `trajectory(batch)` once.
         output_dir: Folder under `<run>/figures/` for the outputs.
@@ -118,8 +119,12 @@ class DynamicsAnalysis(Callback):
         self.run(trainer, pl_module)
         self.ran_after_fit = True
         if fit_seconds and trainer.is_global_zero:
-            log.info("dynamics analysis overhead: %.2f s on top of %.1f s of fitting (%.1f%%)",
-                     self.last_duration_s, fit_seconds, 100 * self.last_duration_s / fit_seconds)
+            log.info(
+                "dynamics analysis overhead: %.2f s on top of %.1f s of fitting (%.1f%%)",
+                self.last_duration_s,
+                fit_seconds,
+                100 * self.last_duration_s / fit_seconds,
+            )
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A validate run analyses its checkpoint. The validation that the CLI runs right after fit on the
@@ -149,7 +154,9 @@ class DynamicsAnalysis(Callback):
             if trainer.is_global_zero and len(per_source) > 1:
                 group = "cls" if any("cls" in r.get("convergence", {}) for r in per_source.values()) else None
                 group = group or next(iter(next(iter(per_source.values())).get("convergence", {"all": 0})))
-                path = plotting.plot_comparison(per_source, boundaries, self.folder(trainer) / "comparison.png", group)
+                path = plotting.plot_comparison(
+                    per_source, boundaries, self.folder(trainer) / "comparison.png", group
+                )
                 self.log_to_wandb(trainer, "comparison", path, None)
         finally:
             pl_module.train(was_training)
@@ -157,14 +164,19 @@ class DynamicsAnalysis(Callback):
         self.last_duration_s = time.perf_counter() - started
         self.last_results = per_source
         if trainer.is_global_zero:
-            log.info("dynamics analysis of %d probe samples took %.2f s; outputs in %s",
-                     len(probe), self.last_duration_s, self.folder(trainer))
+            log.info(
+                "dynamics analysis of %d probe samples took %.2f s; outputs in %s",
+                len(probe),
+                self.last_duration_s,
+                self.folder(trainer),
+            )
 
     @staticmethod
     def check_model(pl_module: LightningModule) -> None:
         if not callable(getattr(pl_module, "trajectory", None)):
             raise TypeError(
-                f"DynamicsAnalysis needs a model with a `trajectory(batch)` method; {type(pl_module).__name__} "
+                "DynamicsAnalysis needs a model with a `trajectory(batch)` method; "
+                f"{type(pl_module).__name__} "
                 "has none: remove the callback or implement the method (see lightning_modules/trajectory.py)."
             )
 
@@ -197,9 +209,15 @@ class DynamicsAnalysis(Callback):
         return sorted(chosen.tolist())
 
     def collect(
-        self, trainer: Trainer, pl_module: LightningModule, dataset, collate, probe: list[int], source: str | None
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        dataset,
+        collate,
+        probe: list[int],
+        source: str | None,
     ) -> tuple[Trajectory, dict[str, Any] | None] | None:
-        """Compute this rank's share of the probe trajectories, gather all shares, and return the whole on rank 0.
+        """Compute this rank's share of the probe trajectories, gather all shares, return the whole on rank 0.
 
         Rank r takes probe positions r, r + W, ...; shares are padded to equal length by repeating a
         position so that `all_gather` gets equal shapes, and rank 0 puts the samples back in probe order. The
@@ -218,7 +236,9 @@ class DynamicsAnalysis(Callback):
         for begin in range(0, len(share), self.batch_size):
             ids = share[begin : begin + self.batch_size]
             batch = trainer.strategy.batch_to_device(collate([dataset[i] for i in ids]))
-            trajectory = pl_module.trajectory(batch) if source is None else pl_module.trajectory(batch, source=source)
+            trajectory = (
+                pl_module.trajectory(batch) if source is None else pl_module.trajectory(batch, source=source)
+            )
             template = template or trajectory
             states = trajectory.states.detach().float()
             pieces.append(states)
@@ -228,8 +248,14 @@ class DynamicsAnalysis(Callback):
                 if depths is None:
                     depths = self.perturb_depths or measures.default_perturbation_depths(trajectory.num_steps)
                 distance, agreement = measures.perturbation_distances(
-                    states, trajectory.rollout, self.groups(trajectory), depths, self.perturb_alphas,
-                    list(range(self.perturb_seeds)), classify=trajectory.classify, sample_ids=ids,
+                    states,
+                    trajectory.rollout,
+                    self.groups(trajectory),
+                    depths,
+                    self.perturb_alphas,
+                    list(range(self.perturb_seeds)),
+                    classify=trajectory.classify,
+                    sample_ids=ids,
                 )
                 distances.append(distance.to(states.device))
                 agreements.append(agreement.to(states.device))
@@ -241,7 +267,9 @@ class DynamicsAnalysis(Callback):
             gathered["distance"] = torch.cat(distances)
             gathered["agreement"] = torch.cat(agreements)
         if world > 1:
-            gathered = {key: trainer.strategy.all_gather(value).flatten(0, 1) for key, value in gathered.items()}
+            gathered = {
+                key: trainer.strategy.all_gather(value).flatten(0, 1) for key, value in gathered.items()
+            }
         if not trainer.is_global_zero:
             return None
 
@@ -260,14 +288,21 @@ class DynamicsAnalysis(Callback):
         )
         perturbation = None
         if "distance" in ordered:
-            perturbation = {"distance": ordered["distance"].cpu(), "agreement": ordered["agreement"].cpu(),
-                            "depths": list(depths)}
+            perturbation = {
+                "distance": ordered["distance"].cpu(),
+                "agreement": ordered["agreement"].cpu(),
+                "depths": list(depths),
+            }
         return trajectory, perturbation
 
     @staticmethod
     def groups(trajectory: Trajectory) -> dict[str, torch.Tensor]:
         """Token groups as flat index tensors, empty groups left out."""
-        return {name: index.reshape(-1).long() for name, index in trajectory.token_groups.items() if index.numel() > 0}
+        return {
+            name: index.reshape(-1).long()
+            for name, index in trajectory.token_groups.items()
+            if index.numel() > 0
+        }
 
     # ------------------------------------------------------------------ outputs
     def folder(self, trainer: Trainer, source: str = "") -> Path:
@@ -277,7 +312,7 @@ class DynamicsAnalysis(Callback):
     def measure_and_write(
         self, trainer: Trainer, trajectory: Trajectory, perturbation: dict[str, Any] | None, source: str
     ) -> tuple[dict, list[int]]:
-        """Run the measures on the gathered trajectory; write a PNG and a JSON per measure and summary.json."""
+        """Run the measures on the gathered trajectory, then write a PNG and a JSON each and summary.json."""
         folder = self.folder(trainer, source)
         folder.mkdir(parents=True, exist_ok=True)
         title = f"{source} " if source else ""
@@ -315,15 +350,23 @@ class DynamicsAnalysis(Callback):
         )
         if perturbation is not None:
             records = measures.perturbation_records(
-                perturbation["distance"], perturbation["agreement"], perturbation["depths"], self.perturb_alphas,
+                perturbation["distance"],
+                perturbation["agreement"],
+                perturbation["depths"],
+                self.perturb_alphas,
                 list(groups),
             )
             results["perturbation"] = {"records": records, "num_steps": num_steps}
 
         for name, numbers in results.items():
             path = self.plot(name, numbers, boundaries, folder, title, list(groups))
-            payload = {"measure": name, "num_steps": num_steps, "boundaries": boundaries,
-                       "probe_size": int(trajectory.states.shape[0]), **numbers}
+            payload = {
+                "measure": name,
+                "num_steps": num_steps,
+                "boundaries": boundaries,
+                "probe_size": int(trajectory.states.shape[0]),
+                **numbers,
+            }
             write_json(folder / f"{name}.json", payload)
             self.log_to_wandb(trainer, f"{source}/{name}" if source else name, path, numbers)
 
@@ -334,19 +377,31 @@ class DynamicsAnalysis(Callback):
         self.log_summary(trainer, summary, source)
         return results, boundaries
 
-    def plot(self, name: str, numbers: dict, boundaries: list[int], folder: Path, title: str, groups: list[str]) -> Path:
+    def plot(
+        self, name: str, numbers: dict, boundaries: list[int], folder: Path, title: str, groups: list[str]
+    ) -> Path:
         path = folder / f"{name}.png"
         if name == "similarity":
-            return plotting.plot_similarity(torch.tensor(numbers["matrix"]).numpy(), boundaries, path,
-                                            f"{title}step similarity")
+            return plotting.plot_similarity(
+                torch.tensor(numbers["matrix"]).numpy(), boundaries, path, f"{title}step similarity"
+            )
         if name == "convergence":
-            return plotting.plot_curves(numbers, boundaries, path, title=f"{title}directional convergence",
-                                        ylabel="cos(x_l, x_S)")
+            return plotting.plot_curves(
+                numbers, boundaries, path, title=f"{title}directional convergence", ylabel="cos(x_l, x_S)"
+            )
         if name == "speed":
-            return plotting.plot_curves(numbers, boundaries, path, title=f"{title}angular speed",
-                                        ylabel="angle(x_l, x_(l-1)) (rad)", first_step=1)
+            return plotting.plot_curves(
+                numbers,
+                boundaries,
+                path,
+                title=f"{title}angular speed",
+                ylabel="angle(x_l, x_(l-1)) (rad)",
+                first_step=1,
+            )
         if name == "coherence":
-            return plotting.plot_coherence(numbers, boundaries, path, f"{title}{self.coherence_group} coherence")
+            return plotting.plot_coherence(
+                numbers, boundaries, path, f"{title}{self.coherence_group} coherence"
+            )
         if name == "rank":
             return plotting.plot_rank(numbers, boundaries, path, f"{title}update rank")
         if name == "basins":
@@ -463,26 +518,39 @@ def summarise(results: dict[str, dict], boundaries: list[int], num_steps: int) -
             earlier = per_phase[:-1]
             summary[f"speed/{group}"] = {
                 "mean_per_phase": per_phase,
-                "last_phase_over_earlier": per_phase[-1] / (sum(earlier) / len(earlier)) if earlier else math.nan,
+                "last_phase_over_earlier": per_phase[-1] / (sum(earlier) / len(earlier))
+                if earlier
+                else math.nan,
                 "last_step": speeds[-1],
             }
     if "rank" in results:
         for key in ("effective_pooled", "stable_pooled", "effective_per_image", "stable_per_image"):
             values = results["rank"][key]
             per_phase = [sum(values[s - 1 : e]) / (e - s + 1) for s, e in phases]
-            summary[f"rank/{key}"] = {"mean_per_phase": per_phase, "first_step": values[0], "last_step": values[-1],
-                                      "min": min(values), "argmin_step": values.index(min(values)) + 1}
+            summary[f"rank/{key}"] = {
+                "mean_per_phase": per_phase,
+                "first_step": values[0],
+                "last_step": values[-1],
+                "min": min(values),
+                "argmin_step": values.index(min(values)) + 1,
+            }
     if "coherence" in results:
         coherence = results["coherence"]
-        summary["coherence"] = {"state_first": coherence["state"][0], "state_last": coherence["state"][-1],
-                                "update_first": coherence["update"][0], "update_last": coherence["update"][-1]}
+        summary["coherence"] = {
+            "state_first": coherence["state"][0],
+            "state_last": coherence["state"][-1],
+            "update_first": coherence["update"][0],
+            "update_last": coherence["update"][-1],
+        }
     if "basins" in results:
         basins = results["basins"]
-        summary["basins"] = {"ncm_accuracy_first": basins["ncm_accuracy"][0],
-                             "ncm_accuracy_mid": basins["ncm_accuracy"][num_steps // 2],
-                             "ncm_accuracy_last": basins["ncm_accuracy"][-1],
-                             "silhouette_first": basins["silhouette"][0],
-                             "silhouette_last": basins["silhouette"][-1]}
+        summary["basins"] = {
+            "ncm_accuracy_first": basins["ncm_accuracy"][0],
+            "ncm_accuracy_mid": basins["ncm_accuracy"][num_steps // 2],
+            "ncm_accuracy_last": basins["ncm_accuracy"][-1],
+            "silhouette_first": basins["silhouette"][0],
+            "silhouette_last": basins["silhouette"][-1],
+        }
     if "perturbation" in results:
         per_alpha: dict[str, dict[str, Any]] = {}
         for record in results["perturbation"]["records"]:
@@ -492,8 +560,10 @@ def summarise(results: dict[str, dict], boundaries: list[int], num_steps: int) -
             if "agreement" in record:
                 entry.setdefault("agreement", []).append(record["agreement"])
         summary["perturbation"] = {
-            alpha: {key: {"min": min(values), "max": max(values), "mean": sum(values) / len(values)}
-                    for key, values in entry.items()}
+            alpha: {
+                key: {"min": min(values), "max": max(values), "mean": sum(values) / len(values)}
+                for key, values in entry.items()
+            }
             for alpha, entry in per_alpha.items()
         }
     return summary

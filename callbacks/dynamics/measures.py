@@ -55,8 +55,10 @@ def group_mean(values: torch.Tensor, token_groups: dict[str, torch.Tensor]) -> d
 
 
 # ----------------------------------------------------------------------------- per-token measures
-def directional_convergence(states: torch.Tensor, token_groups: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """gamma_(i,l) = cos(x_(i,l), x_(i,S)), averaged per token group: group -> (S + 1,); the last entry is 1."""
+def directional_convergence(
+    states: torch.Tensor, token_groups: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Average gamma_(i,l) = cos(x_(i,l), x_(i,S)) per token group: group -> (S + 1,), last entry 1."""
     final = states[:, -1:]
     return group_mean(cosine(states, final), token_groups)
 
@@ -112,10 +114,12 @@ def stable_rank(singular_values: torch.Tensor) -> torch.Tensor:
 
 
 def effective_rank(singular_values: torch.Tensor) -> torch.Tensor:
-    """exp(-sum_k p_k log p_k) with p_k = sigma_k / sum sigma (Roy and Vetterli, 2007); 0 for the zero matrix."""
+    """exp(-sum_k p_k log p_k) with p_k = sigma_k / sum sigma, from singular values; 0 for the zero matrix."""
     total = singular_values.sum(-1, keepdim=True)
     p = singular_values / total.clamp_min(torch.finfo(singular_values.dtype).tiny)
-    entropy = -torch.where(p > 0, p * p.clamp_min(torch.finfo(p.dtype).tiny).log(), torch.zeros_like(p)).sum(-1)
+    entropy = -torch.where(p > 0, p * p.clamp_min(torch.finfo(p.dtype).tiny).log(), torch.zeros_like(p)).sum(
+        -1
+    )
     return torch.where(total.squeeze(-1) > 0, entropy.exp(), torch.zeros_like(entropy))
 
 
@@ -161,7 +165,7 @@ def update_ranks(
 
 # ----------------------------------------------------------------------------- class basins
 def summary_token_states(states: torch.Tensor, token_groups: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Select one vector per image and step (B, S + 1, D): the cls token if there is a `cls` group, else the token mean."""
+    """Select one vector per image and step (B, S + 1, D): the cls token, else the mean of all tokens."""
     if "cls" in token_groups and token_groups["cls"].numel() > 0:
         return states[:, :, int(token_groups["cls"].reshape(-1)[0])]
     return states.mean(dim=2)
@@ -198,10 +202,10 @@ def class_basins(summary: torch.Tensor, labels: torch.Tensor) -> dict[str, torch
     """Nearest-class-mean accuracy, cosine to the true class's final mean direction, and silhouette per step.
 
     summary: (B, S + 1, D) one vector per image (the cls token); labels: (B,). The probe splits into a fit
-    half and a test half by alternating the members of each class. mu_(c,l) = normalise(mean over fit images of
-    class c of x^_l); the accuracy at step l is the fraction of test images whose argmax_c cos(x_l, mu_(c,l))
-    is their label, over the classes present in the fit half. cos_true_final = cos(x_l, mu_(label,S)) on
-    test images whose class is in the fit half. The silhouette uses all probe images and angular distance.
+    half and a test half by alternating the members of each class.
+    mu_(c,l) = normalise(mean over fit images of class c of x^_l). The accuracy at step l is the fraction
+    of test images whose argmax_c cos(x_l, mu_(c,l)) is their label, over the classes present in the fit
+    half. cos_true_final = cos(x_l, mu_(label,S)) on test images whose class is in the fit half. The silhouette uses all probe images and angular distance.
     Keys: ncm_accuracy, cos_true_final, silhouette, each (S + 1,).
     """
     labels = labels.to(summary.device).long()
@@ -238,7 +242,9 @@ def default_perturbation_depths(num_steps: int) -> list[int]:
 
 def noise_seed(seed: int, depth: int, alpha: float, sample_id: int) -> int:
     """Seed of the noise drawn for one sample, so the draw does not depend on how the probe is batched."""
-    return ((int(seed) * 1_000_003 + int(depth)) * 1_000_033 + int(round(alpha * 1e6))) * 1_000_037 + int(sample_id)
+    return ((int(seed) * 1_000_003 + int(depth)) * 1_000_033 + int(round(alpha * 1e6))) * 1_000_037 + int(
+        sample_id
+    )
 
 
 def perturbation_distances(
@@ -275,10 +281,15 @@ def perturbation_distances(
         clean = states[:, depth:]
         for a, alpha in enumerate(alphas):
             for s, seed in enumerate(seeds):
-                noise = torch.stack([
-                    torch.randn(states.shape[2:], generator=torch.Generator().manual_seed(noise_seed(seed, depth, alpha, i)))
-                    for i in ids
-                ]).to(states.device, states.dtype)
+                noise = torch.stack(
+                    [
+                        torch.randn(
+                            states.shape[2:],
+                            generator=torch.Generator().manual_seed(noise_seed(seed, depth, alpha, i)),
+                        )
+                        for i in ids
+                    ]
+                ).to(states.device, states.dtype)
                 start = states[:, depth] + alpha * states[:, depth].norm(dim=-1, keepdim=True) * unit(noise)
                 perturbed = rollout(start, depth)
                 angles = angle(perturbed, clean)  # (B, S - depth + 1, N)
@@ -291,7 +302,10 @@ def perturbation_distances(
 
 
 def perturbation_records(
-    distance: torch.Tensor, agreement: torch.Tensor, depths: Sequence[int], alphas: Sequence[float],
+    distance: torch.Tensor,
+    agreement: torch.Tensor,
+    depths: Sequence[int],
+    alphas: Sequence[float],
     group_names: Sequence[str],
 ) -> list[dict]:
     """Summarise per-sample perturbation distances into one record per (l0, alpha).
@@ -308,7 +322,9 @@ def perturbation_records(
             for g, name in enumerate(group_names):
                 curves = per_seed[d, a, :, g, depth:]  # (seeds, S - depth + 1)
                 start = curves[:, 0]
-                ratio = torch.where(start > 0, curves[:, -1] / start.clamp_min(EPS), torch.full_like(start, math.nan))
+                ratio = torch.where(
+                    start > 0, curves[:, -1] / start.clamp_min(EPS), torch.full_like(start, math.nan)
+                )
                 record["groups"][name] = {
                     "curve": curves.mean(0).tolist(),
                     "curve_std": curves.std(0, unbiased=False).tolist(),
@@ -338,7 +354,7 @@ def perturbation_test(
 
 # ----------------------------------------------------------------------------- layer similarity and phases
 def layer_summaries(states: torch.Tensor, token_groups: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summaries (B, S, n_summaries, D) of steps 1..S for the phase code: each group's token mean, registers left out.
+    """Summarise steps 1..S for the phase code as (B, S, n_summaries, D): token mean per group, no registers.
 
     For a ViT this gives the cls token and the mean patch token. For a network with one token group, such as
     the wave segmenter's pixels, it gives the mean over all tokens.
@@ -407,9 +423,20 @@ def analyse(
     if "basins" in measures and trajectory.labels is not None:
         results["basins"] = to_lists(class_basins(summary_token_states(states, groups), trajectory.labels))
     if "perturbation" in measures and trajectory.rollout is not None and states.shape[1] > 2:
-        depths = list(perturb_depths) if perturb_depths is not None else default_perturbation_depths(states.shape[1] - 1)
-        records = perturbation_test(states, trajectory.rollout, groups, depths, perturb_alphas,
-                                    list(range(perturb_seeds)), classify=trajectory.classify)
+        depths = (
+            list(perturb_depths)
+            if perturb_depths is not None
+            else default_perturbation_depths(states.shape[1] - 1)
+        )
+        records = perturbation_test(
+            states,
+            trajectory.rollout,
+            groups,
+            depths,
+            perturb_alphas,
+            list(range(perturb_seeds)),
+            classify=trajectory.classify,
+        )
         results["perturbation"] = {"records": records, "num_steps": states.shape[1] - 1}
     return results
 

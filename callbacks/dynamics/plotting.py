@@ -22,8 +22,13 @@ GROUP_STYLES = {"cls": "tab:red", "reg": "tab:green", "patch": "tab:blue"}
 
 def draw_boundaries(ax, boundaries: Sequence[int]) -> None:
     for index, boundary in enumerate(boundaries):
-        ax.axvline(boundary + 0.5, color="0.4", linestyle="--", linewidth=1,
-                   label="phase boundary" if index == 0 else None)
+        ax.axvline(
+            boundary + 0.5,
+            color="0.4",
+            linestyle="--",
+            linewidth=1,
+            label="phase boundary" if index == 0 else None,
+        )
 
 
 def group_color(name: str, index: int) -> str:
@@ -43,7 +48,9 @@ def plot_similarity(similarity: np.ndarray, boundaries: Sequence[int], path: Pat
     fig, ax = plt.subplots(figsize=(4.6, 4.0))
     num_steps = similarity.shape[0]
     extent = (0.5, num_steps + 0.5, num_steps + 0.5, 0.5)
-    image = ax.imshow(similarity, cmap="viridis", extent=extent, vmin=min(0.0, float(similarity.min())), vmax=1.0)
+    image = ax.imshow(
+        similarity, cmap="viridis", extent=extent, vmin=min(0.0, float(similarity.min())), vmax=1.0
+    )
     for boundary in boundaries:
         ax.axvline(boundary + 0.5, color="white", linestyle="--", linewidth=1)
         ax.axhline(boundary + 0.5, color="white", linestyle="--", linewidth=1)
@@ -80,17 +87,41 @@ def plot_curves(
     return save(fig, path)
 
 
-def plot_coherence(results: dict[str, Sequence[float]], boundaries: Sequence[int], path: Path, title: str) -> Path:
+def plot_coherence(
+    results: dict[str, Sequence[float]], boundaries: Sequence[int], path: Path, title: str
+) -> Path:
     """Coherence of states (at steps 0..S) and of updates (at steps 1..S), to the mean and pairwise."""
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    ax.plot(np.arange(len(results["state"])), results["state"], marker="o", markersize=3, color="tab:blue",
-            label="states, to mean")
-    ax.plot(np.arange(len(results["state_pairwise"])), results["state_pairwise"], linestyle=":", color="tab:blue",
-            label="states, pairwise")
-    ax.plot(np.arange(1, len(results["update"]) + 1), results["update"], marker="s", markersize=3,
-            color="tab:orange", label="updates, to mean")
-    ax.plot(np.arange(1, len(results["update_pairwise"]) + 1), results["update_pairwise"], linestyle=":",
-            color="tab:orange", label="updates, pairwise")
+    ax.plot(
+        np.arange(len(results["state"])),
+        results["state"],
+        marker="o",
+        markersize=3,
+        color="tab:blue",
+        label="states, to mean",
+    )
+    ax.plot(
+        np.arange(len(results["state_pairwise"])),
+        results["state_pairwise"],
+        linestyle=":",
+        color="tab:blue",
+        label="states, pairwise",
+    )
+    ax.plot(
+        np.arange(1, len(results["update"]) + 1),
+        results["update"],
+        marker="s",
+        markersize=3,
+        color="tab:orange",
+        label="updates, to mean",
+    )
+    ax.plot(
+        np.arange(1, len(results["update_pairwise"]) + 1),
+        results["update_pairwise"],
+        linestyle=":",
+        color="tab:orange",
+        label="updates, pairwise",
+    )
     draw_boundaries(ax, boundaries)
     ax.set_xlabel("step")
     ax.set_ylabel("mean cosine")
@@ -106,8 +137,14 @@ def plot_rank(results: dict[str, Sequence[float]], boundaries: Sequence[int], pa
     for ax, kind in zip(axes, ("per_image", "pooled"), strict=True):
         for measure, color in (("stable", "tab:purple"), ("effective", "tab:olive")):
             values = results[f"{measure}_{kind}"]
-            ax.plot(np.arange(1, len(values) + 1), values, marker="o", markersize=3, color=color,
-                    label=f"{measure} rank")
+            ax.plot(
+                np.arange(1, len(values) + 1),
+                values,
+                marker="o",
+                markersize=3,
+                color=color,
+                label=f"{measure} rank",
+            )
         draw_boundaries(ax, boundaries)
         ax.set_yscale("log")
         plain_numbers = ticker.FuncFormatter(lambda value, _: f"{value:g}")
@@ -121,7 +158,9 @@ def plot_rank(results: dict[str, Sequence[float]], boundaries: Sequence[int], pa
     return save(fig, path)
 
 
-def plot_basins(results: dict[str, Sequence[float]], boundaries: Sequence[int], path: Path, title: str) -> Path:
+def plot_basins(
+    results: dict[str, Sequence[float]], boundaries: Sequence[int], path: Path, title: str
+) -> Path:
     """Nearest-class-mean accuracy, cosine to the true class's final mean, and angular silhouette per step."""
     panels = (
         ("ncm_accuracy", "nearest-class-mean accuracy"),
@@ -143,7 +182,7 @@ def plot_basins(results: dict[str, Sequence[float]], boundaries: Sequence[int], 
 def plot_perturbation(
     results: dict, boundaries: Sequence[int], path: Path, title: str, groups: Sequence[str]
 ) -> Path:
-    """Angle to the clean path after a perturbation at each depth: one panel per noise size, one line per depth.
+    """Plot the angle to the clean path after perturbations: one panel per noise size, one line per depth.
 
     The first group is drawn solid and the second (if any) dashed.
     """
@@ -159,8 +198,13 @@ def plot_perturbation(
                 if name not in record["groups"]:
                     continue
                 curve = record["groups"][name]["curve"]
-                ax.plot(np.arange(depth, depth + len(curve)), curve, linestyle=styles[group_index],
-                        color=f"C{depth_index}", label=f"l0={depth} {name}")
+                ax.plot(
+                    np.arange(depth, depth + len(curve)),
+                    curve,
+                    linestyle=styles[group_index],
+                    color=f"C{depth_index}",
+                    label=f"l0={depth} {name}",
+                )
         draw_boundaries(ax, boundaries)
         ax.set_xlabel("step")
         ax.set_ylabel("angle to clean path (rad)")
@@ -173,7 +217,7 @@ def plot_perturbation(
 def plot_comparison(
     per_source: dict[str, dict], boundaries: dict[str, Sequence[int]], path: Path, group: str
 ) -> Path:
-    """Side by side of several sources (e.g. teacher and Raptor): convergence, speed and pooled update rank."""
+    """Plot several sources side by side (e.g. teacher, Raptor): convergence, speed, pooled update rank."""
     fig, axes = plt.subplots(1, 3, figsize=(13.0, 3.6))
     for index, (source, results) in enumerate(per_source.items()):
         color = f"C{index}"
@@ -182,10 +226,14 @@ def plot_comparison(
             axes[0].plot(np.arange(len(values)), values, marker="o", markersize=3, color=color, label=source)
         if "speed" in results and group in results["speed"]:
             values = results["speed"][group]
-            axes[1].plot(np.arange(1, len(values) + 1), values, marker="o", markersize=3, color=color, label=source)
+            axes[1].plot(
+                np.arange(1, len(values) + 1), values, marker="o", markersize=3, color=color, label=source
+            )
         if "rank" in results:
             values = results["rank"]["effective_pooled"]
-            axes[2].plot(np.arange(1, len(values) + 1), values, marker="o", markersize=3, color=color, label=source)
+            axes[2].plot(
+                np.arange(1, len(values) + 1), values, marker="o", markersize=3, color=color, label=source
+            )
     first_boundaries = next(iter(boundaries.values()), [])
     labels = (f"convergence ({group})", f"angular speed ({group}, rad)", "effective rank of updates (pooled)")
     for ax, label in zip(axes, labels, strict=True):
