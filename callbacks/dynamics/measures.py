@@ -205,7 +205,8 @@ def class_basins(summary: torch.Tensor, labels: torch.Tensor) -> dict[str, torch
     half and a test half by alternating the members of each class.
     mu_(c,l) = normalise(mean over fit images of class c of x^_l). The accuracy at step l is the fraction
     of test images whose argmax_c cos(x_l, mu_(c,l)) is their label, over the classes present in the fit
-    half. cos_true_final = cos(x_l, mu_(label,S)) on test images whose class is in the fit half. The silhouette uses all probe images and angular distance.
+    half. cos_true_final = cos(x_l, mu_(label,S)) on test images whose class is in the fit half. The
+    silhouette uses all probe images and angular distance.
     Keys: ncm_accuracy, cos_true_final, silhouette, each (S + 1,).
     """
     labels = labels.to(summary.device).long()
