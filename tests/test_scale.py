@@ -22,10 +22,22 @@ SMOKE = CONFIGS / "presets" / "smoke.yaml"
 BF16_RELATIVE_TOLERANCE = 0.05
 
 
+def tiny_teacher_args(tmp_path: Path) -> list[str]:
+    """Raptor flags that train a 4-layer smoke teacher under tmp_path instead of the default teacher."""
+    teacher_args = (f"[--config, {SMOKE}, --model.init_args.depth=4, --model.init_args.embed_dim=16, "
+                    "--model.init_args.num_heads=2]")
+    return [f"--model.init_args.teacher={tmp_path / 'teachers' / 'tiny'}",
+            f"--model.init_args.teacher_train_args={teacher_args}", "--model.init_args.phase_images=64"]
+
+
+def task_flags(task: str, tmp_path: Path) -> list[str]:
+    return tiny_teacher_args(tmp_path) if task == "raptor" else []
+
+
 def build_task(task: str, tmp_path: Path, *extra: str) -> cli.DynlabCLI:
     """Instantiate a task's model and data with the smoke preset, without running anything."""
     args = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "tasks" / f"{task}.yaml"),
-            "--config", str(SMOKE), "--runs_root", str(tmp_path / "runs"), *extra]
+            "--config", str(SMOKE), "--runs_root", str(tmp_path / "runs"), *task_flags(task, tmp_path), *extra]
     os.environ.pop(cli.RUN_NAME_ENV, None)
     return cli.DynlabCLI(args=args, run=False)
 
@@ -85,7 +97,8 @@ def test_ddp_two_processes_match_single(task, tmp_path):
     """DDP with 2 CPU processes (gloo): one set of files, and synced validation metrics equal 1 process."""
     runs_root = tmp_path / "runs"
     common = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "tasks" / f"{task}.yaml"),
-              "--config", str(SMOKE), f"--runs_root={runs_root}", "--trainer.accelerator=cpu"]
+              "--config", str(SMOKE), f"--runs_root={runs_root}", "--trainer.accelerator=cpu",
+              *task_flags(task, tmp_path)]
 
     ddp_fit = dynlab_subprocess("fit", *common, "--run_name=ddp", "--trainer.strategy=ddp", "--trainer.devices=2")
     assert ddp_fit.returncode == 0, ddp_fit.stderr[-3000:]
