@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from jsonargparse import ArgumentError
 
 from callbacks.checkpoint import SafeModelCheckpoint, check_checkpoint_file
 from callbacks.rng import RNGStateCallback
@@ -132,7 +131,11 @@ def init_argument_names(class_path: str) -> list[str]:
         if "__init__" not in vars(klass):
             continue
         for name, param in inspect.signature(klass.__init__).parameters.items():
-            if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD) and name not in names:
+            if (
+                name != "self"
+                and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+                and name not in names
+            ):
                 names.append(name)
         break
     return names
@@ -184,7 +187,10 @@ def condense_parse_error(message: str, subcommand: str | None = None) -> str:
 
     if "has no attribute" in message or "No module named" in message:
         target = class_paths[-1] if class_paths else location
-        return f"{location}: class {target!r} not found: give an importable class path such as lightning_modules.<task>.<Class>."
+        return (
+            f"{location}: class {target!r} not found: give an importable class path such as "
+            "lightning_modules.<task>.<Class>."
+        )
 
     if "File does not exist" in message:
         path = message.split("File does not exist:", 1)[1].strip().strip("'")
@@ -200,7 +206,9 @@ def condense_parse_error(message: str, subcommand: str | None = None) -> str:
         return f"{location}={given.group(1).strip()!r} is invalid: expected {' or '.join(expected)}."
 
     lines = [line.strip(" -") for line in message.splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(_STRUCTURAL) and not line.startswith("Parser key")]
+    useful = [
+        line for line in lines if not line.startswith(_STRUCTURAL) and not line.startswith("Parser key")
+    ]
     detail = message
     if useful:
         detail = useful[-1]
@@ -254,25 +262,37 @@ class DynlabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--task", type=str | None, default=None, help="Task name; picks runs/<task>/.")
         parser.add_argument(
-            "--run_name", type=str | None, default=None,
+            "--run_name",
+            type=str | None,
+            default=None,
             help="Name of the run folder under runs/<task>/ (default: a time stamp). Reuse it to resume.",
         )
-        parser.add_argument("--runs_root", type=str, default="runs", help="Folder that contains runs/<task>/.")
         parser.add_argument(
-            "--wandb_mode", type=WandbMode, default="auto",
+            "--runs_root", type=str, default="runs", help="Folder that contains runs/<task>/."
+        )
+        parser.add_argument(
+            "--wandb_mode",
+            type=WandbMode,
+            default="auto",
             help="auto: online with an API key, else an offline run to upload later with `wandb sync`.",
         )
         parser.add_argument("--wandb_project", type=str, default="dynlab", help="wandb project name.")
         parser.add_argument(
-            "--checkpoint_every_n_steps", type=int | None, default=None,
+            "--checkpoint_every_n_steps",
+            type=int | None,
+            default=None,
             help="Also refresh checkpoints/last.ckpt every N training steps, so a killed run loses at most N steps.",
         )
         parser.add_argument(
-            "--compile", type=bool, default=False,
+            "--compile",
+            type=bool,
+            default=False,
             help="torch.compile the model in place (opt-in); checkpoints keep the same keys either way.",
         )
         parser.add_argument(
-            "--test_after_fit", type=bool, default=True,
+            "--test_after_fit",
+            type=bool,
+            default=True,
             help="After fit, validate and test the best checkpoint and write metrics.json.",
         )
 
@@ -380,7 +400,9 @@ class DynlabCLI(LightningCLI):
                 f"cannot create the run folder {run_dir}: {error.strerror}. Pass --runs_root=<writable folder>."
             ) from error
         if not os.access(run_dir, os.W_OK):
-            raise PermissionError(f"run folder {run_dir} is not writable: pass --runs_root=<writable folder>.")
+            raise PermissionError(
+                f"run folder {run_dir} is not writable: pass --runs_root=<writable folder>."
+            )
 
         config.trainer.default_root_dir = str(run_dir)
         config.checkpoint.dirpath = str(run_dir / "checkpoints")
@@ -397,13 +419,20 @@ class DynlabCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True):
             trainer_config["logger"] = self.make_logger(config)
 
-        extra_callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        extra_callbacks = [
+            self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys
+        ]
         every = config.get("checkpoint_every_n_steps")
         if every:
             # A second checkpoint callback that only refreshes last.ckpt mid-epoch; the main one keeps the best.
             extra_callbacks.append(
-                SafeModelCheckpoint(dirpath=config.checkpoint.dirpath, save_last=True, save_top_k=0,
-                                    every_n_train_steps=every, enable_version_counter=False)
+                SafeModelCheckpoint(
+                    dirpath=config.checkpoint.dirpath,
+                    save_last=True,
+                    save_top_k=0,
+                    every_n_train_steps=every,
+                    enable_version_counter=False,
+                )
             )
         return self._instantiate_trainer(trainer_config, extra_callbacks)
 
@@ -426,21 +455,27 @@ class DynlabCLI(LightningCLI):
             if "Error(s) in loading state_dict" not in str(error):
                 raise
             ckpt_path = self.config[subcommand].get("ckpt_path")
-            raise ConfigError(f"checkpoint {ckpt_path} does not match the model: {state_dict_mismatch(str(error))} "
-                              "Use the config the checkpoint was trained with (config.yaml in its run folder).") from None
+            raise ConfigError(
+                f"checkpoint {ckpt_path} does not match the model: {state_dict_mismatch(str(error))} "
+                "Use the config the checkpoint was trained with (config.yaml in its run folder)."
+            ) from None
 
     # ------------------------------------------------------------ after stages
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
         if self.trainer.interrupted:
-            log.warning("training was interrupted; resume with --ckpt_path=last --run_name=%s", config.run_name)
+            log.warning(
+                "training was interrupted; resume with --ckpt_path=last --run_name=%s", config.run_name
+            )
             return
         if not config.test_after_fit:
             return
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
         ckpt = best if best and Path(best).is_file() else None
         results = {"best_checkpoint": ckpt or "(final weights)"}
-        results["validate"] = flatten_metrics(self.trainer.validate(self.model, self.datamodule, ckpt_path=ckpt))
+        results["validate"] = flatten_metrics(
+            self.trainer.validate(self.model, self.datamodule, ckpt_path=ckpt)
+        )
         results["test"] = flatten_metrics(self.trainer.test(self.model, self.datamodule, ckpt_path=ckpt))
         self.finish(results)
 
@@ -478,7 +513,9 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
         cells = []
         for stage in stages:
             value = next((v for k, v in results[stage].items() if k.split("/", 1)[-1] == key), None)
-            cells.append(f"{value:>10.4f}" if isinstance(value, float) and math.isfinite(value) else f"{'-':>10}")
+            cells.append(
+                f"{value:>10.4f}" if isinstance(value, float) and math.isfinite(value) else f"{'-':>10}"
+            )
         lines.append(f"{key:<{width}}  " + "  ".join(cells))
     report = results.get("report")
     if isinstance(report, dict):

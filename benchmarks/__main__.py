@@ -1,6 +1,6 @@
 """`make bench`: run every task's benchmark, print the figures and write docs/BENCHMARKS.md.
 
-    python -m benchmarks [--task waves] [--quick]
+python -m benchmarks [--task waves] [--quick]
 """
 
 from __future__ import annotations
@@ -32,8 +32,12 @@ def format_rows(rows: list[BenchRow]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=TASKS, action="append", help="benchmark only this task (repeatable)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--task", choices=TASKS, action="append", help="benchmark only this task (repeatable)"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer repeats, about a minute per task")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--no-write", action="store_true", help=f"print only; leave {OUTPUT} unchanged")

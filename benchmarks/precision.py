@@ -55,54 +55,89 @@ class StepTimer(Callback):
         return self.samples / (time.perf_counter() - self.start)
 
 
-def measure(task: str, precision: str, compile_model: bool, accelerator: str, steps: int, warmup: int,
-            extra: list[str]) -> float:
-    args = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "tasks" / f"{task}.yaml"),
-            "--wandb_mode=disabled", "--runs_root=runs/benchmarks", *extra]
+def measure(
+    task: str,
+    precision: str,
+    compile_model: bool,
+    accelerator: str,
+    steps: int,
+    warmup: int,
+    extra: list[str],
+) -> float:
+    args = [
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(CONFIGS / "tasks" / f"{task}.yaml"),
+        "--wandb_mode=disabled",
+        "--runs_root=runs/benchmarks",
+        *extra,
+    ]
     os.environ.pop(cli.RUN_NAME_ENV, None)
     built = cli.DynlabCLI(args=args, run=False)
     if compile_model:
         cli.compile_in_place(built.model)
     timer = StepTimer(warmup)
-    trainer = Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=warmup + steps,
-                      limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=[timer], default_root_dir=built.run_dir)
+    trainer = Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_steps=warmup + steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        default_root_dir=built.run_dir,
+    )
     trainer.fit(built.model, datamodule=built.datamodule)
     return timer.samples_per_second()
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--task", choices=TASKS, action="append", help="only this task (repeatable)")
     parser.add_argument("--accelerator", default="gpu", help="gpu (default) or cpu for a functional check")
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile happens here)")
     parser.add_argument("--write", action="store_true", help="append the table to docs/BENCHMARKS.md")
-    parser.add_argument("extra", nargs="*", help="flags for every run after --, e.g. -- --config <experiment>")
+    parser.add_argument(
+        "extra", nargs="*", help="flags for every run after --, e.g. -- --config <experiment>"
+    )
     args = parser.parse_args(argv)
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device found: run on a GPU machine, or pass --accelerator cpu.")
 
     rows = []
     for task in args.task or TASKS:
-        rates = {name: measure(task, precision, compiled, args.accelerator, args.steps, args.warmup, args.extra)
-                 for name, precision, compiled in VARIANTS}
+        rates = {
+            name: measure(task, precision, compiled, args.accelerator, args.steps, args.warmup, args.extra)
+            for name, precision, compiled in VARIANTS
+        }
         base = rates["fp32"]
-        rows.append(f"| {task} | " + " | ".join(f"{rates[n]:.1f} ({rates[n] / base:.2f}×)" for n, _, _ in VARIANTS)
-                    + " |")
+        rows.append(
+            f"| {task} | "
+            + " | ".join(f"{rates[n]:.1f} ({rates[n] / base:.2f}×)" for n, _, _ in VARIANTS)
+            + " |"
+        )
         print(rows[-1], flush=True)
 
-    table = "\n".join([
-        "## Precision and compile (samples/s, ratio to fp32)",
-        "",
-        f"- command: `python -m benchmarks.precision --accelerator {args.accelerator} --steps {args.steps}`",
-        f"- hardware: {hardware_line()}",
-        "",
-        "| task | " + " | ".join(name for name, _, _ in VARIANTS) + " |",
-        "|---|" + "---|" * len(VARIANTS),
-        *rows,
-        "",
-    ])
+    table = "\n".join(
+        [
+            "## Precision and compile (samples/s, ratio to fp32)",
+            "",
+            f"- command: `python -m benchmarks.precision --accelerator {args.accelerator} --steps {args.steps}`",
+            f"- hardware: {hardware_line()}",
+            "",
+            "| task | " + " | ".join(name for name, _, _ in VARIANTS) + " |",
+            "|---|" + "---|" * len(VARIANTS),
+            *rows,
+            "",
+        ]
+    )
     print(table)
     if args.write:
         with Path("docs/BENCHMARKS.md").open("a") as handle:

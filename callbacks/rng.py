@@ -15,8 +15,13 @@ from datamodules.base import ResumableDataLoader
 def numpy_state_to_plain(state: tuple) -> dict[str, Any]:
     """Convert numpy's legacy RNG state to plain values that weights-only checkpoint loading accepts."""
     name, keys, pos, has_gauss, cached_gaussian = state
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
 
 
 def numpy_state_from_plain(state: dict[str, Any]) -> tuple:
@@ -47,7 +52,9 @@ class RNGStateCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         # Record the position in the epoch on resumable loaders; Lightning saves it with the checkpoint.
         combined = trainer.fit_loop._combined_loader
         consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed

@@ -44,7 +44,9 @@ def aggregate(per_seed: dict[int, dict[str, float]]) -> dict[str, dict[str, floa
 
 
 def format_summary(summary: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'metric':<24} {'mean':>8} {'sd':>8} {'median':>8} {'min':>8} {'max':>8} {'n':>3} {'coll.':>5}"]
+    lines = [
+        f"{'metric':<24} {'mean':>8} {'sd':>8} {'median':>8} {'min':>8} {'max':>8} {'n':>3} {'coll.':>5}"
+    ]
     for metric, s in summary.items():
         collapsed = str(s["collapsed"]) if "collapsed" in s else ""
         lines.append(
@@ -55,9 +57,13 @@ def format_summary(summary: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--task", required=True, help="task name: configs/tasks/<task>.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", required=True, help="seed_everything values, one run each")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", required=True, help="seed_everything values, one run each"
+    )
     parser.add_argument("--runs_root", default="runs", help="folder that holds runs/<task>/")
     parser.add_argument("extra", nargs="*", help="flags passed on to every `dynlab fit` (after --)")
     args = parser.parse_args(argv)
@@ -72,16 +78,27 @@ def main(argv: list[str] | None = None) -> None:
     per_seed: dict[int, dict[str, float]] = {}
     for seed in args.seeds:
         command = [
-            sys.executable, "-m", "cli", "fit",
-            "--config", "configs/base.yaml", "--config", str(task_config), *args.extra,
-            f"--seed_everything={seed}", f"--run_name={group}-seed{seed}", f"--runs_root={args.runs_root}",
+            sys.executable,
+            "-m",
+            "cli",
+            "fit",
+            "--config",
+            "configs/base.yaml",
+            "--config",
+            str(task_config),
+            *args.extra,
+            f"--seed_everything={seed}",
+            f"--run_name={group}-seed{seed}",
+            f"--runs_root={args.runs_root}",
         ]
         print(" ".join(command), flush=True)
         completed = subprocess.run(command, check=False)
         metrics_file = Path(args.runs_root) / args.task / f"{group}-seed{seed}" / "metrics.json"
         if completed.returncode != 0 or not metrics_file.is_file():
-            print(f"seed {seed} failed (exit code {completed.returncode}); it is left out of the summary",
-                  file=sys.stderr)
+            print(
+                f"seed {seed} failed (exit code {completed.returncode}); it is left out of the summary",
+                file=sys.stderr,
+            )
             continue
         per_seed[seed] = json.loads(metrics_file.read_text()).get("test", {})
 

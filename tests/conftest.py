@@ -49,10 +49,13 @@ def run_cli(tmp_path, monkeypatch):
         root = runs_root or tmp_path / "runs"
         args = [
             subcommand,
-            "--config", str(CONFIGS / "base.yaml"),
-            "--config", str(CONFIGS / "tasks" / f"{task}.yaml"),
+            "--config",
+            str(CONFIGS / "base.yaml"),
+            "--config",
+            str(CONFIGS / "tasks" / f"{task}.yaml"),
             *extra,
-            "--runs_root", str(root),
+            "--runs_root",
+            str(root),
         ]
         result = cli.run(args)
         return result.run_dir

@@ -33,8 +33,16 @@ def toy(tmp_path, monkeypatch):
 
     def _run(*extra: str, subcommand: str = "fit") -> cli.DynlabCLI:
         monkeypatch.delenv(cli.RUN_NAME_ENV, raising=False)
-        args = [subcommand, "--config", str(CONFIGS / "base.yaml"), "--config", str(task_file),
-                "--runs_root", str(runs_root), *extra]
+        args = [
+            subcommand,
+            "--config",
+            str(CONFIGS / "base.yaml"),
+            "--config",
+            str(task_file),
+            "--runs_root",
+            str(runs_root),
+            *extra,
+        ]
         return cli.run(args)
 
     return _run, runs_root
@@ -243,8 +251,18 @@ def test_gpu_and_ddp_presets_parse(tmp_path):
     """The GPU presets cannot build on a CPU machine, but they must parse against the Trainer signature."""
     for preset in ("gpu", "ddp"):
         with pytest.raises(SystemExit) as done:
-            cli.run(["fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "presets" / f"{preset}.yaml"),
-                     "--model=tests.toy.task.ToyClassifier", "--data=tests.toy.task.ToyData", "--print_config"])
+            cli.run(
+                [
+                    "fit",
+                    "--config",
+                    str(CONFIGS / "base.yaml"),
+                    "--config",
+                    str(CONFIGS / "presets" / f"{preset}.yaml"),
+                    "--model=tests.toy.task.ToyClassifier",
+                    "--data=tests.toy.task.ToyData",
+                    "--print_config",
+                ]
+            )
         assert done.value.code in (0, None)
 
 
@@ -262,10 +280,22 @@ def test_sigkill_mid_epoch_resume_is_exact(toy, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "WANDB_MODE": "disabled"}
     env.pop(cli.RUN_NAME_ENV, None)
     command = [
-        sys.executable, "-m", "cli", "fit", "--config", str(CONFIGS / "base.yaml"),
-        "--config", str(tmp_path / "toy.yaml"), "--runs_root", str(runs_root), "--run_name=killed",
-        "--trainer.max_epochs=3", "--test_after_fit=false", "--checkpoint_every_n_steps=4",
-        "--trainer.callbacks+=tests.toy.kill.KillAtStep", "--trainer.callbacks.step=18",
+        sys.executable,
+        "-m",
+        "cli",
+        "fit",
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(tmp_path / "toy.yaml"),
+        "--runs_root",
+        str(runs_root),
+        "--run_name=killed",
+        "--trainer.max_epochs=3",
+        "--test_after_fit=false",
+        "--checkpoint_every_n_steps=4",
+        "--trainer.callbacks+=tests.toy.kill.KillAtStep",
+        "--trainer.callbacks.step=18",
     ]
     killed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -283,7 +313,9 @@ def test_checkpoint_with_other_shapes(toy):
     run, runs_root = toy
     run("--trainer.max_epochs=1", "--run_name=three", "--test_after_fit=false")
     ckpt = runs_root / "toy" / "three" / "checkpoints" / "last.ckpt"
-    with pytest.raises(cli.ConfigError, match=r"does not match the model: .*size mismatch for net\.3\.weight") as caught:
+    with pytest.raises(
+        cli.ConfigError, match=r"does not match the model: .*size mismatch for net\.3\.weight"
+    ) as caught:
         run(f"--ckpt_path={ckpt}", "--data.init_args.num_classes=5", subcommand="validate")
     assert "\n" not in str(caught.value)
 
@@ -292,9 +324,22 @@ def test_checkpoint_of_another_task(toy, tmp_path):
     run, runs_root = toy
     run("--trainer.max_epochs=1", "--run_name=toyrun", "--test_after_fit=false")
     ckpt = runs_root / "toy" / "toyrun" / "checkpoints" / "last.ckpt"
-    with pytest.raises(cli.ConfigError, match=r"was saved by tests.toy.task.ToyClassifier .* but this config builds lightning_modules.waves") as caught:
-        cli.run(["validate", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "tasks" / "waves.yaml"),
-                 f"--ckpt_path={ckpt}", "--runs_root", str(tmp_path / "other")])
+    with pytest.raises(
+        cli.ConfigError,
+        match=r"was saved by tests.toy.task.ToyClassifier .* but this config builds lightning_modules.waves",
+    ) as caught:
+        cli.run(
+            [
+                "validate",
+                "--config",
+                str(CONFIGS / "base.yaml"),
+                "--config",
+                str(CONFIGS / "tasks" / "waves.yaml"),
+                f"--ckpt_path={ckpt}",
+                "--runs_root",
+                str(tmp_path / "other"),
+            ]
+        )
     assert "\n" not in str(caught.value)
 
 

@@ -24,10 +24,15 @@ BF16_RELATIVE_TOLERANCE = 0.05
 
 def tiny_teacher_args(tmp_path: Path) -> list[str]:
     """Raptor flags that train a 4-layer smoke teacher under tmp_path instead of the default teacher."""
-    teacher_args = (f"[--config, {SMOKE}, --model.init_args.depth=4, --model.init_args.embed_dim=16, "
-                    "--model.init_args.num_heads=2]")
-    return [f"--model.init_args.teacher={tmp_path / 'teachers' / 'tiny'}",
-            f"--model.init_args.teacher_train_args={teacher_args}", "--model.init_args.phase_images=64"]
+    teacher_args = (
+        f"[--config, {SMOKE}, --model.init_args.depth=4, --model.init_args.embed_dim=16, "
+        "--model.init_args.num_heads=2]"
+    )
+    return [
+        f"--model.init_args.teacher={tmp_path / 'teachers' / 'tiny'}",
+        f"--model.init_args.teacher_train_args={teacher_args}",
+        "--model.init_args.phase_images=64",
+    ]
 
 
 def task_flags(task: str, tmp_path: Path) -> list[str]:
@@ -36,16 +41,34 @@ def task_flags(task: str, tmp_path: Path) -> list[str]:
 
 def build_task(task: str, tmp_path: Path, *extra: str) -> cli.DynlabCLI:
     """Instantiate a task's model and data with the smoke preset, without running anything."""
-    args = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "tasks" / f"{task}.yaml"),
-            "--config", str(SMOKE), "--runs_root", str(tmp_path / "runs"), *task_flags(task, tmp_path), *extra]
+    args = [
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(CONFIGS / "tasks" / f"{task}.yaml"),
+        "--config",
+        str(SMOKE),
+        "--runs_root",
+        str(tmp_path / "runs"),
+        *task_flags(task, tmp_path),
+        *extra,
+    ]
     os.environ.pop(cli.RUN_NAME_ENV, None)
     return cli.DynlabCLI(args=args, run=False)
 
 
 def validation_loss(built: cli.DynlabCLI, precision: str) -> float:
-    trainer = Trainer(accelerator="cpu", devices=1, precision=precision, limit_val_batches=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=built.run_dir)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=built.run_dir,
+    )
     results = trainer.validate(built.model, datamodule=built.datamodule, verbose=False)
     return float(results[0]["val/loss"])
 
@@ -87,8 +110,15 @@ def test_compiled_run_checkpoint_loads_uncompiled(run_cli, tmp_path):
 def dynlab_subprocess(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "WANDB_MODE": "disabled"}
     env.pop(cli.RUN_NAME_ENV, None)
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, check=False, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
 
 
 @pytest.mark.slow
@@ -96,11 +126,21 @@ def dynlab_subprocess(*args: str) -> subprocess.CompletedProcess:
 def test_ddp_two_processes_match_single(task, tmp_path):
     """DDP with 2 CPU processes (gloo): one set of files, and synced validation metrics equal 1 process."""
     runs_root = tmp_path / "runs"
-    common = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "tasks" / f"{task}.yaml"),
-              "--config", str(SMOKE), f"--runs_root={runs_root}", "--trainer.accelerator=cpu",
-              *task_flags(task, tmp_path)]
+    common = [
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(CONFIGS / "tasks" / f"{task}.yaml"),
+        "--config",
+        str(SMOKE),
+        f"--runs_root={runs_root}",
+        "--trainer.accelerator=cpu",
+        *task_flags(task, tmp_path),
+    ]
 
-    ddp_fit = dynlab_subprocess("fit", *common, "--run_name=ddp", "--trainer.strategy=ddp", "--trainer.devices=2")
+    ddp_fit = dynlab_subprocess(
+        "fit", *common, "--run_name=ddp", "--trainer.strategy=ddp", "--trainer.devices=2"
+    )
     assert ddp_fit.returncode == 0, ddp_fit.stderr[-3000:]
     run_dir = runs_root / task / "ddp"
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -111,12 +151,19 @@ def test_ddp_two_processes_match_single(task, tmp_path):
     assert len({p.name for p in figures}) == len(figures)
 
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    single = dynlab_subprocess("validate", *common, f"--ckpt_path={ckpt}", "--run_name=single",
-                               "--trainer.devices=1")
+    single = dynlab_subprocess(
+        "validate", *common, f"--ckpt_path={ckpt}", "--run_name=single", "--trainer.devices=1"
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     single_metrics = json.loads((runs_root / task / "single" / "metrics.json").read_text())["validate"]
-    double = dynlab_subprocess("validate", *common, f"--ckpt_path={ckpt}", "--run_name=double",
-                               "--trainer.strategy=ddp", "--trainer.devices=2")
+    double = dynlab_subprocess(
+        "validate",
+        *common,
+        f"--ckpt_path={ckpt}",
+        "--run_name=double",
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+    )
     assert double.returncode == 0, double.stderr[-3000:]
     double_metrics = json.loads((runs_root / task / "double" / "metrics.json").read_text())["validate"]
 

@@ -13,8 +13,15 @@ from datamodules.base import make_loader
 class ToyData(LightningDataModule):
     """Gaussian blobs in `dim` dimensions, one per class."""
 
-    def __init__(self, num_classes: int = 3, dim: int = 4, n: int = 96, batch_size: int = 8,
-                 subset: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        num_classes: int = 3,
+        dim: int = 4,
+        n: int = 96,
+        batch_size: int = 8,
+        subset: int | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.dim = dim
@@ -40,11 +47,19 @@ class ToyData(LightningDataModule):
 class ToyClassifier(LightningModule):
     """An MLP with dropout, so that a resumed run only matches when the RNG state is restored."""
 
-    def __init__(self, num_classes: int = 2, in_features: int = 4, hidden: int = 16, dropout: float = 0.2,
-                 lr: float = 0.05):
+    def __init__(
+        self,
+        num_classes: int = 2,
+        in_features: int = 4,
+        hidden: int = 16,
+        dropout: float = 0.2,
+        lr: float = 0.05,
+    ):
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+        )
 
     def _step(self, batch, stage: str):
         x, y = batch
