@@ -18,8 +18,10 @@ from tests.conftest import CONFIGS, REPO_ROOT
 TASKS = ("waves", "hypersindy", "raptor", "vit")
 SMOKE = CONFIGS / "presets" / "smoke.yaml"
 
-# bf16 keeps 8 bits of mantissa, so one forward pass agrees with float32 to about 1e-2 relative.
+# bf16 keeps 8 bits of mantissa, so one forward pass agrees with float32 to about 1e-2 relative. Losses
+# near zero (Raptor's distillation loss at its LayerScale init is about 1e-7) are compared absolutely.
 BF16_RELATIVE_TOLERANCE = 0.05
+BF16_ABSOLUTE_TOLERANCE = 1e-5
 
 
 def tiny_teacher_args(tmp_path: Path) -> list[str]:
@@ -82,7 +84,7 @@ def test_bf16_loss_matches_fp32(task, tmp_path, monkeypatch):
     torch.manual_seed(0)
     bf16 = validation_loss(built, "bf16-mixed")
     assert torch.isfinite(torch.tensor(bf16))
-    assert abs(bf16 - fp32) <= BF16_RELATIVE_TOLERANCE * abs(fp32), (task, fp32, bf16)
+    assert abs(bf16 - fp32) <= BF16_RELATIVE_TOLERANCE * abs(fp32) + BF16_ABSOLUTE_TOLERANCE, (task, fp32, bf16)
 
 
 def test_compile_flag_keeps_checkpoint_keys(tmp_path, monkeypatch):
