@@ -494,6 +494,7 @@ class DynlabCLI(LightningCLI):
         previous = json.loads(path.read_text()) if path.is_file() else {}
         previous.update(results)
         write_json_atomic(path, previous)
+        finish_wandb()  # wandb prints its own run summary on finish; the run folder must stay the last line
         print_summary(previous, self.run_dir)
 
     def model_summary_metrics(self) -> dict[str, Any]:
@@ -507,7 +508,9 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
     """Print the final metrics as a table, then the run folder as the last line."""
     stages = [s for s in ("validate", "test") if isinstance(results.get(s), dict)]
     keys = sorted({k.split("/", 1)[-1] for s in stages for k in results[s]})
-    width = max([len(k) for k in keys] + [10])
+    report = results.get("report")
+    report_keys = list(report) if isinstance(report, dict) else []
+    width = max([len(k) for k in keys + report_keys] + [10])
     lines = ["", f"{'metric':<{width}}  " + "  ".join(f"{s:>10}" for s in stages)]
     for key in keys:
         cells = []
@@ -517,11 +520,15 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
                 f"{value:>10.4f}" if isinstance(value, float) and math.isfinite(value) else f"{'-':>10}"
             )
         lines.append(f"{key:<{width}}  " + "  ".join(cells))
-    report = results.get("report")
     if isinstance(report, dict):
         lines.append("")
         for key, value in report.items():
-            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            if isinstance(value, float) and value.is_integer():
+                shown = str(int(value))
+            elif isinstance(value, float):
+                shown = f"{value:.4f}"
+            else:
+                shown = str(value)
             lines.append(f"{key:<{width}}  {shown}")
     if "best_checkpoint" in results:
         lines.append(f"best checkpoint: {results['best_checkpoint']}")
