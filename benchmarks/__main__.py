@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         "Written by `make bench` (`python -m benchmarks`). Every ratio is measured side by side in one run;",
         "absolute times hold only for the hardware below.",
         "",
-        f"- command: `{command}{' --quick' if args.quick else ''}`",
+        f"- command: `{command}{' BENCH_ARGS=--quick' if args.quick and not args.task else ''}`"
+        f"{' (--quick)' if args.quick and args.task else ''}, torch threads: {torch.get_num_threads()}",
         f"- hardware: {hardware}",
         f"- date: {time.strftime('%Y-%m-%d')}",
         "",
