@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -110,3 +111,45 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+class CachedSplitsMixin:
+    """Set-up and loaders for a DataModule whose three splits sit in one cached .npz file.
+
+    The DataModule defines `cache_file`, `prepare_data` (which writes it), `dataset_class(images, masks)`
+    and the hyperparameters `batch_size`, `seed`, `num_workers` and `subset`; arrays are named
+    `<split>_images` and `<split>_masks`.
+    """
+
+    dataset_class: type[Dataset]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        self.prepare_data()  # a no-op when cached; covers use without a Trainer
+        with np.load(self.cache_file) as arrays:
+            for split in ("train", "val", "test"):
+                images, masks = arrays[f"{split}_images"], arrays[f"{split}_masks"]
+                if self.hparams.subset is not None:
+                    images, masks = images[: self.hparams.subset], masks[: self.hparams.subset]
+                self.splits[split] = self.dataset_class(images, masks)
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        return make_loader(
+            self.splits["train"],
+            h.batch_size,
+            shuffle=True,
+            seed=h.seed,
+            drop_last=True,
+            num_workers=h.num_workers,
+            split="train",
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        h = self.hparams
+        return make_loader(self.splits["val"], h.batch_size, shuffle=False, num_workers=h.num_workers, split="val")
+
+    def test_dataloader(self) -> DataLoader:
+        h = self.hparams
+        return make_loader(self.splits["test"], h.batch_size, shuffle=False, num_workers=h.num_workers, split="test")

@@ -31,7 +31,7 @@ from lightning.pytorch import LightningDataModule
 from matplotlib.path import Path as PolygonPath
 from torch.utils.data import Dataset
 
-from datamodules.base import make_loader, resolve_data_dir
+from datamodules.base import CachedSplitsMixin, resolve_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class PolygonsDataset(Dataset):
         return self.images[index][None], self.masks[index].long()
 
 
-class PolygonsDataModule(LightningDataModule):
+class PolygonsDataModule(CachedSplitsMixin, LightningDataModule):
     """Polygon segmentation, 1 x 32 x 32, 7 classes (rules in the module's dataset card).
 
     Args:
@@ -160,6 +160,8 @@ class PolygonsDataModule(LightningDataModule):
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
     """
+
+    dataset_class = PolygonsDataset
 
     num_classes = len(CLASS_NAMES)
     in_channels = 1
@@ -216,38 +218,3 @@ class PolygonsDataModule(LightningDataModule):
         tmp = self.cache_file.with_suffix(".tmp.npz")
         np.savez_compressed(tmp, **arrays)
         tmp.replace(self.cache_file)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
-        self.prepare_data()
-        with np.load(self.cache_file) as arrays:
-            for split in ("train", "val", "test"):
-                images, masks = arrays[f"{split}_images"], arrays[f"{split}_masks"]
-                if self.hparams.subset is not None:
-                    images, masks = images[: self.hparams.subset], masks[: self.hparams.subset]
-                self.splits[split] = PolygonsDataset(images, masks)
-
-    def train_dataloader(self):
-        h = self.hparams
-        return make_loader(
-            self.splits["train"],
-            h.batch_size,
-            shuffle=True,
-            seed=h.seed,
-            drop_last=True,
-            num_workers=h.num_workers,
-            split="train",
-        )
-
-    def val_dataloader(self):
-        h = self.hparams
-        return make_loader(
-            self.splits["val"], h.batch_size, shuffle=False, num_workers=h.num_workers, split="val"
-        )
-
-    def test_dataloader(self):
-        h = self.hparams
-        return make_loader(
-            self.splits["test"], h.batch_size, shuffle=False, num_workers=h.num_workers, split="test"
-        )

@@ -33,7 +33,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import Dataset
 
-from datamodules.base import make_loader, resolve_data_dir
+from datamodules.base import CachedSplitsMixin, resolve_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def image_digests(images: np.ndarray) -> set[bytes]:
     return {hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in images}
 
 
-class TetrominoesDataModule(LightningDataModule):
+class TetrominoesDataModule(CachedSplitsMixin, LightningDataModule):
     """Tetrominoes segmentation (6 classes) generated once and cached under `data_dir`.
 
     Args:
@@ -224,6 +224,8 @@ class TetrominoesDataModule(LightningDataModule):
         batch_size: images per batch for every split.
         num_workers: DataLoader worker processes.
     """
+
+    dataset_class = TetrominoesDataset
 
     num_classes = len(CLASS_NAMES)
     in_channels = 3
@@ -283,38 +285,3 @@ class TetrominoesDataModule(LightningDataModule):
         np.savez(tmp, **arrays)
         tmp.replace(self.cache_file)
         log.info("generated Tetrominoes %s", self.cache_file)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
-        self.prepare_data()  # a no-op when cached; covers use without a Trainer
-        with np.load(self.cache_file) as arrays:
-            for split in ("train", "val", "test"):
-                images, masks = arrays[f"{split}_images"], arrays[f"{split}_masks"]
-                if self.hparams.subset is not None:
-                    images, masks = images[: self.hparams.subset], masks[: self.hparams.subset]
-                self.splits[split] = TetrominoesDataset(images, masks)
-
-    def train_dataloader(self):
-        h = self.hparams
-        return make_loader(
-            self.splits["train"],
-            h.batch_size,
-            shuffle=True,
-            seed=h.seed,
-            drop_last=True,
-            num_workers=h.num_workers,
-            split="train",
-        )
-
-    def val_dataloader(self):
-        h = self.hparams
-        return make_loader(
-            self.splits["val"], h.batch_size, shuffle=False, num_workers=h.num_workers, split="val"
-        )
-
-    def test_dataloader(self):
-        h = self.hparams
-        return make_loader(
-            self.splits["test"], h.batch_size, shuffle=False, num_workers=h.num_workers, split="test"
-        )
