@@ -98,8 +98,8 @@ def make_loader(
     """Build a DataLoader whose shuffle order is reproducible across resumes."""
     check_batch_size(batch_size, len(dataset), split, drop_last)
     sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
-    # A loader-owned generator keeps iterator creation from drawing on the global torch RNG, whose
-    # state the checkpoint restores; otherwise a resumed run would shift every later random draw.
+    # A loader-owned generator keeps iterator creation off the global torch RNG, which the checkpoint
+    # restores. Drawing on it would shift every later random draw of a resumed run.
     loader_class = ResumableDataLoader if shuffle else DataLoader
     return loader_class(
         dataset,
