@@ -190,7 +190,7 @@ def plot_coefficients(samples: np.ndarray, pl_module: LightningModule, path: Pat
 
 
 def plot_trajectories(data_x: np.ndarray, sampled, variable_names: list[str], dt: float, path: Path) -> None:
-    """Each state component over time: the data in black, prior-sampled trajectories in colour."""
+    """Plot each state component over time: the data in black, prior-sampled trajectories in colour."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--seeds", type=int, nargs="+", required=True, help="seed_everything values, one run each"
     )
-    parser.add_argument("--runs_root", default="runs", help="folder that holds runs/<task>/")
+    parser.add_argument("--runs_root", default="runs", help="folder that contains runs/<task>/")
     parser.add_argument("extra", nargs="*", help="flags passed on to every `dynlab fit` (after --)")
     args = parser.parse_args(argv)
 

@@ -534,7 +534,7 @@ class SDEDataModule(LightningDataModule):
             system: which benchmark system to simulate.
             noise_scale: std s of the per-step coefficient noise (random_ode mode).
             n_steps: states per trajectory, the initial state included.
-            seed: seed of numpy's legacy RandomState for the training trajectory (1000 in the paper).
+            seed: seed of numpy's legacy RandomState for the training trajectory (1000 in the published data sets).
             dt: Euler time step; None uses the system's published value (0.01, or 0.005 for Lotka-Volterra).
             mode: "random_ode" redraws coefficients each step (the paper's data); "sde" integrates the mean
                 vector field with Euler-Maruyama and the diffusion below.

@@ -143,7 +143,8 @@ def test_metrics_all_background_predictor_and_empty_images():
     values = metrics.compute()
     assert values["acc"].item() == pytest.approx((12 / 16 + 1) / 2)
     assert values["iou"].item() == pytest.approx(((12 / 16) / (2 - 12 / 16) + 1) / 2)
-    assert values["fg_acc"].item() == 0.0 and values["fg_iou"].item() == 0.0  # image 1 skipped, not 0/0
+    assert values["fg_acc"].item() == 0.0
+    assert values["fg_iou"].item() == 0.0  # image 1 skipped, not 0/0
     assert values["miou_fg"].item() == 0.0
     assert values["miou"].item() == pytest.approx((28 / 32) / 4)
 

@@ -223,7 +223,7 @@ class DynamicsAnalysis(Callback):
         position so that `all_gather` gets equal shapes, and rank 0 puts the samples back in probe order. The
         perturbation test runs here, batch by batch, because a model's rollout may hold per-sample inputs
         of the batch it came from. Its per-sample distances are gathered like the states. Returns
-        (trajectory, perturbation) on rank 0, where perturbation holds the per-sample distances, and
+        (trajectory, perturbation) on rank 0, where perturbation contains the per-sample distances, and
         None on the other ranks.
         """
         world, rank = trainer.world_size, trainer.global_rank

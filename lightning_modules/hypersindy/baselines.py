@@ -54,7 +54,7 @@ def fit_sindy(
 
 
 def make_ensemble_optimizer(optimizer, n_models: int):
-    """A new bagging EnsembleOptimizer around `optimizer` (never reuse one across fits)."""
+    """Build a new bagging EnsembleOptimizer around `optimizer` (never reuse one across fits)."""
     import pysindy as ps
 
     return ps.EnsembleOptimizer(optimizer, bagging=True, n_models=n_models)

@@ -76,7 +76,7 @@ def baseline_scores(case: Case, n_models: int, seed: int) -> dict[str, dict[str,
 
 
 def newest_run(runs_root: Path, case: Case) -> dict | None:
-    """The report of the newest finished hypersindy run of this system and scale, or None."""
+    """Return the report of the newest finished hypersindy run of this system and scale, or None."""
     best, best_time = None, -1.0
     for path in (runs_root / "hypersindy").glob("*/metrics.json"):
         try:
@@ -142,7 +142,7 @@ def replace_block(document: str, block: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs_root", default="runs", help="folder that holds hypersindy/<run>/metrics.json")
+    parser.add_argument("--runs_root", default="runs", help="folder that contains hypersindy/<run>/metrics.json")
     parser.add_argument("--results", default="docs/RESULTS.md", help="Markdown file whose table is replaced")
     parser.add_argument("--n_models", type=int, default=100, help="E-SINDy bootstrap models")
     parser.add_argument("--seed", type=int, default=0, help="numpy seed of the E-SINDy bootstrap")

@@ -93,7 +93,7 @@ class HyperSINDyModule(LightningModule):
             state_dim: dimension D of the state (linked from the data).
             variable_names: names of the state variables, used for the library terms (linked from the data).
             dt: time step of the data, used to generate trajectories (linked from the data).
-            library_degree: highest monomial degree of the polynomial library (3 in the paper).
+            library_degree: highest monomial degree of the polynomial library (3 in the published HyperSINDy runs).
             include_constant: put the constant term in the library (the paper drops it for Lorenz).
             hidden: width H of the encoder and hypernetwork (64; 128 for Lorenz-96).
             z_dim: latent size; None uses 2 D.

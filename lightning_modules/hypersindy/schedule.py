@@ -57,7 +57,7 @@ def advance(
     """Update the weights at the end of 0-based epoch `epoch`.
 
     beta grows by beta_max / warmup per epoch up to beta_max (so beta(e) = min(beta_0 + 0.1 e, 10) with the
-    paper's 10 and 100); lambda moves to lambda_max. When epoch + 1 is a spike epoch, the value and its cap
+    published settings 10 and 100); lambda moves to lambda_max. When epoch + 1 is a spike epoch, the value and its cap
     become the spike value, which therefore holds from the spike epoch on.
     """
     weights.beta = min(weights.beta + weights.beta_max / warmup, weights.beta_max)
