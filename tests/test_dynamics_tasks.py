@@ -8,15 +8,16 @@ import matplotlib.image
 import pytest
 
 SMOKE = "configs/presets/smoke.yaml"
-# Lean settings keep each run short: a small probe, one noise seed and one noise size.
-CALLBACK = (
-    "--trainer.callbacks+=callbacks.dynamics.DynamicsAnalysis",
+# Lean settings keep each run short: a small probe, one noise seed and one noise size. The raptor task
+# config attaches the callback itself, so its run only sets these values.
+SETTINGS = (
     "--trainer.callbacks.probe_size=16",
     "--trainer.callbacks.batch_size=16",
     "--trainer.callbacks.perturb_seeds=1",
     "--trainer.callbacks.perturb_alphas=[0.05]",
     "--trainer.callbacks.num_phases=2",
 )
+CALLBACK = ("--trainer.callbacks+=callbacks.dynamics.DynamicsAnalysis", *SETTINGS)
 # One training batch and no test stage on top of the smoke preset: the callback, not training, is under test.
 SHORT = (
     "--trainer.max_epochs=1",
@@ -58,8 +59,7 @@ def test_raptor_smoke_run_teacher_and_raptor(run_cli):
         "--model.init_args.teacher_pretrained=false",
         "--model.init_args.teacher_kwargs={patch_size: 4, depth: 4, embed_dim: 32, num_heads: 2}",
         "--model.init_args.phase_images=64",
-        *CALLBACK,
-        "--trainer.callbacks.sources=[teacher,raptor]",
+        *SETTINGS,
     )
     folder = run_dir / "figures" / "dynamics"
     for source in ("teacher", "raptor"):
