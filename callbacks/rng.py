@@ -64,6 +64,11 @@ class RNGStateCallback(Callback):
                 loader.epoch_of_count = trainer.current_epoch
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning 2.6 applies the loaders' saved positions only when it builds the train loader after the
+        # checkpoint was restored. A model that reads `trainer.estimated_stepping_batches` in
+        # `configure_optimizers` makes it build the loader before that, and the positions would be dropped.
+        # The call is a no-op when the positions were already applied or the run is not a resume.
+        trainer.fit_loop._load_combined_loader_states()
         if self._pending is None:
             return
         state, self._pending = self._pending, None

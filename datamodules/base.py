@@ -37,7 +37,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def resume_at(self, epoch: int, n_consumed: int) -> None:
-        """Make the next pass over `epoch` leave out its first `n_consumed` indices (a mid-epoch resume)."""
+        """Make the next pass over `epoch` leave out its first `n_consumed` items (a mid-epoch resume)."""
         self._resume = (epoch, n_consumed)
 
     def __iter__(self):
@@ -70,8 +70,10 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": self.epoch_of_count, "batches_consumed": self.batches_consumed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if isinstance(self.sampler, EpochShuffleSampler) and self.batch_size:
-            self.sampler.resume_at(state["epoch"], state["batches_consumed"] * self.batch_size)
+        if isinstance(self.sampler, EpochShuffleSampler):
+            # With batch_size=None the sampler yields whole index batches, so one sampler item is one batch.
+            items_per_batch = self.batch_size or 1
+            self.sampler.resume_at(state["epoch"], state["batches_consumed"] * items_per_batch)
 
 
 def check_batch_size(batch_size: int, n_samples: int, split: str, drop_last: bool) -> None:

@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import EpochShuffleSampler, resolve_data_dir
+from datamodules.base import EpochShuffleSampler, ResumableDataLoader, resolve_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +450,8 @@ class IndexBatchSampler(EpochShuffleSampler):
     """Yield whole batches of indices; the order is a permutation drawn from (seed, epoch) alone.
 
     With shuffle off the batches follow the trajectory in order. Lightning calls `set_epoch`, so a
-    resumed run replays the same order.
+    resumed run replays the same order, and `resume_at` counts whole batches: a run resumed mid-epoch
+    starts with the first batch it had not trained on.
     """
 
     def __init__(self, n_samples: int, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool):
@@ -465,10 +466,16 @@ class IndexBatchSampler(EpochShuffleSampler):
             order = torch.randperm(self.length, generator=generator)
         else:
             order = torch.arange(self.length)
+        batches_to_skip = 0
+        if self._resume is not None:
+            epoch, batches_consumed = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                batches_to_skip = batches_consumed
         n_full = self.length // self.batch_size
-        for i in range(n_full):
+        for i in range(batches_to_skip, n_full):
             yield order[i * self.batch_size : (i + 1) * self.batch_size]
-        if not self.drop_last and n_full * self.batch_size < self.length:
+        if not self.drop_last and max(n_full, batches_to_skip) * self.batch_size < self.length:
             yield order[n_full * self.batch_size :]
 
     def __len__(self) -> int:
@@ -487,7 +494,9 @@ def batch_loader(dataset: TrajectoryTensors, batch_size: int, *, shuffle: bool, 
     # A private generator: each new DataLoader iterator draws a base seed, and drawing it from the global
     # torch RNG would shift the stream by one draw per epoch, differently in a resumed run, where Lightning
     # creates the first iterator before the RNG state is restored.
-    return DataLoader(
+    # A shuffled loader records how many batches training consumed, so a run killed mid-epoch resumes there.
+    loader_class = ResumableDataLoader if shuffle else DataLoader
+    return loader_class(
         dataset,
         sampler=sampler,
         batch_size=None,
