@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +118,35 @@ def make_loader(
     )
 
 
+# Exceptions that np.load raises on a truncated or overwritten .npz file: for a broken zip directory, a
+# short or corrupt member, a member of another format, or a missing array name.
+NPZ_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def load_cached_arrays(path: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """Read the arrays `names` from a cached .npz file that the data module generated.
+
+    Raises a one-line ValueError when the file cannot be read or a float array contains NaN or inf, so
+    damaged data stops the run before it reaches a model as a NaN loss.
+    """
+    fix = "delete the file and the next run regenerates it"
+    try:
+        with np.load(path) as stored:
+            arrays = {name: stored[name] for name in names}
+    except NPZ_READ_ERRORS as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cached data file {path} could not be read ({reason}): {fix}.") from error
+    for name, array in arrays.items():
+        if np.issubdtype(array.dtype, np.inexact):
+            n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if n_bad:
+                raise ValueError(
+                    f"cached data file {path} contains {n_bad} non-finite values (NaN or inf) in array "
+                    f"{name!r}: {fix}."
+                )
+    return arrays
+
+
 class CachedSplitsMixin:
     """Set-up and loaders for a DataModule whose three splits sit in one cached .npz file.
 
@@ -129,12 +161,14 @@ class CachedSplitsMixin:
         if self.splits:
             return
         self.prepare_data()  # a no-op when cached; covers use without a Trainer
-        with np.load(self.cache_file) as arrays:
-            for split in ("train", "val", "test"):
-                images, masks = arrays[f"{split}_images"], arrays[f"{split}_masks"]
-                if self.hparams.subset is not None:
-                    images, masks = images[: self.hparams.subset], masks[: self.hparams.subset]
-                self.splits[split] = self.dataset_class(images, masks)
+        splits = ("train", "val", "test")
+        names = [f"{split}_{kind}" for split in splits for kind in ("images", "masks")]
+        arrays = load_cached_arrays(self.cache_file, names)
+        for split in splits:
+            images, masks = arrays[f"{split}_images"], arrays[f"{split}_masks"]
+            if self.hparams.subset is not None:
+                images, masks = images[: self.hparams.subset], masks[: self.hparams.subset]
+            self.splits[split] = self.dataset_class(images, masks)
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams

@@ -100,11 +100,36 @@ class HFImageDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int):
-        row = self.split[int(index)]
+        try:
+            row = self.split[int(index)]  # `datasets` decodes the image here
+        except OSError as error:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
+            raise ValueError(
+                f"image {index} of column {self.image_column!r} could not be decoded ({error}): replace or "
+                "remove that file in the data set."
+            ) from error
         label = row[self.label_column]
         if self.label_map is not None:
             label = self.label_map[label]
         return self.transform(row[self.image_column]), int(label)
+
+
+def describe_feature(feature) -> str:
+    """Describe a Hugging Face `datasets` feature in words for an error message, e.g. "lists of float64 values"."""
+    import datasets
+
+    if isinstance(feature, datasets.Value):
+        return f"{feature.dtype} values"
+    if isinstance(feature, (datasets.Array2D, datasets.Array3D, datasets.Array4D, datasets.Array5D)):
+        return f"{feature.dtype} arrays of shape {feature.shape}"
+    inner = getattr(feature, "feature", None)
+    if inner is not None:  # List, LargeList and Sequence wrap the feature of their items
+        return f"lists of {describe_feature(inner)}"
+    return repr(feature)
+
+
+def class_folder_names(root: Path) -> set[str]:
+    """Return the names of the folders that directly contain the files of an image folder."""
+    return {path.parent.name for path in root.rglob("*") if path.is_file() and path.parent != root}
 
 
 def hub_offline() -> bool:
@@ -177,6 +202,7 @@ class ImageClassificationDataModule(LightningDataModule):
         self.seed = seed
         self.splits: dict[str, Dataset] = {}
         self._hf = None
+        self._image_folder: Path | None = None  # set when the data set is a local folder read by `imagefolder`
         self._label_map = None
         if dataset == "digits":
             self.num_classes = 10
@@ -217,6 +243,7 @@ class ImageClassificationDataModule(LightningDataModule):
                 loaded = datasets.load_dataset("parquet", data_files=files, **hf_kwargs)
             else:
                 loaded = datasets.load_dataset("imagefolder", data_dir=str(local), **hf_kwargs)
+                self._image_folder = local
             return loaded
         looks_like_path = dataset.startswith((".", "/", "~")) or dataset.endswith(".parquet")
         if looks_like_path:
@@ -267,15 +294,59 @@ class ImageClassificationDataModule(LightningDataModule):
             ("label_column", self.hparams.label_column),
         ):
             if column not in columns:
+                if role == "label_column":
+                    self._check_label_folders()
                 raise ValueError(
                     f"{role}={column!r} is not a column of dataset {self.dataset_name!r} (columns: "
                     f"{', '.join(columns)}): set --data.init_args.{role} to one of them."
                 )
-        feature = first_split.features[self.hparams.label_column]
+        image_feature = first_split.features[self.hparams.image_column]
+        if not isinstance(image_feature, datasets.Image):
+            raise ValueError(
+                f"image_column={self.hparams.image_column!r} of dataset {self.dataset_name!r} contains "
+                f"{describe_feature(image_feature)}, not images: set --data.init_args.image_column to a column "
+                "of images, or store the images as a datasets.Image feature (PIL images, image files or "
+                "encoded bytes)."
+            )
+        label_column = self.hparams.label_column
+        feature = first_split.features[label_column]
         if isinstance(feature, datasets.ClassLabel):
+            # -1 marks an unlabelled example (the ImageNet-1k test split), not a class.
+            present = sorted({value for split in self._hf.values() for value in split.unique(label_column)} - {-1})
+            self._check_several_classes([feature.int2str(value) for value in present])
             return feature.num_classes, None
-        values = sorted({value for split in self._hf.values() for value in split[self.hparams.label_column]})
+        values = sorted({value for split in self._hf.values() for value in split[label_column]})
+        self._check_several_classes(values)
         return len(values), {value: index for index, value in enumerate(values)}
+
+    def _check_several_classes(self, classes: list, split: str | None = None) -> None:
+        """Raise a one-line error when the labels contain fewer than 2 classes (in `split`, else anywhere)."""
+        if len(classes) >= 2:
+            return
+        found = f"a single class ({classes[0]!r})" if classes else "no class"
+        column = self.hparams.label_column
+        need = "a classifier and a linear probe need at least 2 classes"
+        if split is not None:
+            raise ValueError(
+                f"subset={self.subset} leaves {found} in the {split} split of dataset {self.dataset_name!r} "
+                f"(label column {column!r}): {need}, so raise --data.init_args.subset or set it to null."
+            )
+        raise ValueError(
+            f"dataset {self.dataset_name!r} has {found} in label column {column!r}: {need}, so use a data set "
+            "with 2 or more classes (an image folder needs one subfolder per class)."
+        )
+
+    def _check_label_folders(self) -> None:
+        """Explain a missing label column of an image folder whose images sit in a single class folder.
+
+        The `imagefolder` builder of `datasets` adds the "label" column only when the images lie in two or
+        more folders, so a one-class folder reaches this point without labels.
+        """
+        if self._image_folder is None:
+            return
+        folders = class_folder_names(self._image_folder)
+        if len(folders) == 1:
+            self._check_several_classes(sorted(folders))
 
     def _hf_split(self, name: str):
         aliases = {"validation": ("validation", "val", "valid"), "val": ("validation", "val", "valid")}
@@ -291,6 +362,8 @@ class ImageClassificationDataModule(LightningDataModule):
         if self.dataset_name == "digits":
             for split, (images, labels) in digits_splits().items():
                 images, labels = self._take_subset(images, labels)
+                if split == "train" and self.subset is not None:
+                    self._check_several_classes(np.unique(labels).tolist(), split)
                 tensor = preprocess_tensor(
                     torch.from_numpy(images)[:, None], self.image_size, self.resize_size
                 )
@@ -316,6 +389,8 @@ class ImageClassificationDataModule(LightningDataModule):
         for split, data in (("train", train), ("val", val), ("test", test)):
             if self.subset is not None and len(data) > self.subset:
                 data = data.shuffle(seed=self.seed).select(range(self.subset))
+                if split == "train":
+                    self._check_several_classes(sorted(set(data[hp.label_column])), split)
             self.splits[split] = HFImageDataset(
                 data, hp.image_column, hp.label_column, self._label_map, transform
             )

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import Dataset
 
-from datamodules.base import make_loader, resolve_data_dir
+from datamodules.base import load_cached_arrays, make_loader, resolve_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,18 @@ def read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as handle:
         data = handle.read()
-    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()}).")
     n_dims = data[3]
+    header_size = 4 + 4 * n_dims
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(n_dims))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * n_dims).reshape(shape)
+    expected = int(np.prod(shape))
+    if len(data) < header_size or len(data) - header_size != expected:
+        raise ValueError(
+            f"{path} is truncated or damaged: its header declares shape {shape} ({expected} bytes of data) "
+            f"but the file has {len(data)} bytes in all. Download the MNIST file again."
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
 
 
 def find_idx_file(folder: Path, stem: str) -> Path | None:
@@ -285,5 +292,6 @@ class MultiMNISTDataModule(_MNISTBase):
             tmp = cache.with_suffix(".tmp.npz")
             np.savez_compressed(tmp, **arrays)
             tmp.replace(cache)
-        with np.load(cache) as arrays:
-            return {split: (arrays[f"{split}_images"], arrays[f"{split}_masks"]) for split in self.sizes}
+        names = [f"{split}_{kind}" for split in self.sizes for kind in ("images", "masks")]
+        arrays = load_cached_arrays(cache, names)
+        return {split: (arrays[f"{split}_images"], arrays[f"{split}_masks"]) for split in self.sizes}

@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import EpochShuffleSampler, ResumableDataLoader, resolve_data_dir
+from datamodules.base import EpochShuffleSampler, ResumableDataLoader, load_cached_arrays, resolve_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -402,19 +402,19 @@ def load_or_simulate(
         digest = hashlib.sha1(key.encode()).hexdigest()[:8]
         path = cache_dir / "sde" / f"{key}_{digest}.npz"
         if path.is_file():
-            with np.load(path) as stored:
-                return Simulation(
-                    system=system,
-                    noise_scale=float(noise_scale),
-                    seed=seed,
-                    dt=dt_used,
-                    x=stored["x"],
-                    x_dot=stored["x_dot"],
-                    t=stored["t"],
-                    coefficients=stored["coefficients"],
-                    coefficient_names=spec.coefficient_names,
-                    variable_names=spec.variable_names,
-                )
+            stored = load_cached_arrays(path, ("x", "x_dot", "t", "coefficients"))
+            return Simulation(
+                system=system,
+                noise_scale=float(noise_scale),
+                seed=seed,
+                dt=dt_used,
+                x=stored["x"],
+                x_dot=stored["x_dot"],
+                t=stored["t"],
+                coefficients=stored["coefficients"],
+                coefficient_names=spec.coefficient_names,
+                variable_names=spec.variable_names,
+            )
     sim = simulate(system, noise_scale, n_steps, seed, dt=dt)
     if path is not None:
         try:
@@ -568,8 +568,8 @@ class SDEDataModule(LightningDataModule):
             check_dt(dt)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} is invalid: use a value in [0, 1).")
-        if sde_diffusion < 0:
-            raise ValueError(f"sde_diffusion={sde_diffusion} is invalid: use a value >= 0.")
+        if not (math.isfinite(sde_diffusion) and sde_diffusion >= 0):
+            raise ValueError(f"sde_diffusion={sde_diffusion} is invalid: use a finite value >= 0.")
         if subset is not None and subset < 5:
             raise ValueError(f"subset={subset} is invalid: the finite difference needs at least 5 samples.")
         # dt is left out: the model logs the resolved step it receives through the CLI link, and Lightning
