@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import BenchRow, hardware_line
+from cli import skip_repeated_gpu_probe
 
 TASKS = ("waves", "hypersindy", "raptor")
 OUTPUT = Path("docs/BENCHMARKS.md")
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("WANDB_MODE", "disabled")
+    skip_repeated_gpu_probe()  # as the CLI does, so Lightning and bare loops both run as in training
     if args.threads:
         torch.set_num_threads(args.threads)
 

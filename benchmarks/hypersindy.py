@@ -98,23 +98,19 @@ def trajectory_rate(model, n_samples: int, n_steps: int) -> float:
 
 
 def run(quick: bool = False) -> list[BenchRow]:
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        n_epochs, rounds = (4, 3) if quick else (10, 5)
-        bare, framework = [], []
-        for _ in range(rounds):  # alternate so drifts of a shared machine hit both sides alike
-            data, model = _build()
-            bare += bare_epochs(model, data, n_epochs)[1:]
-            data, model = _build()
-            framework += lightning_epochs(model, data, n_epochs)[1:]
-        bare_s = statistics.median(bare)
-        framework_s = statistics.median(framework)
-        _, model = _build()
-        rate_10 = trajectory_rate(model, 10, 500 if quick else 2000)
-        rate_250 = trajectory_rate(model, 250, 200 if quick else 1000)
-    finally:
-        torch.set_num_threads(threads_before)
+    """Time both loops with the process's torch threads (`python -m benchmarks --threads N`; all cores by default)."""
+    n_epochs, rounds = (4, 3) if quick else (10, 5)
+    bare, framework = [], []
+    for _ in range(rounds):  # alternate so drifts of a shared machine hit both sides alike
+        data, model = _build()
+        bare += bare_epochs(model, data, n_epochs)[1:]
+        data, model = _build()
+        framework += lightning_epochs(model, data, n_epochs)[1:]
+    bare_s = statistics.median(bare)
+    framework_s = statistics.median(framework)
+    _, model = _build()
+    rate_10 = trajectory_rate(model, 10, 500 if quick else 2000)
+    rate_250 = trajectory_rate(model, 250, 200 if quick else 1000)
     return [
         BenchRow(
             "hypersindy",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.waves.cell import WaveCell
-from lightning_modules.waves.layers import PixelHead, TemporalReadout, conv_stack
+from lightning_modules.waves.layers import PixelHead, TemporalReadout, channels_last, conv_stack
 
 BACKBONES = ("wave", "convlstm", "cnn", "unet")
 
@@ -47,6 +47,7 @@ class WaveNetwork(nn.Module):
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return y0 in (-1, 1), omega >= 0 and alpha >= 0, each (B, C, H, W)."""
+        images = channels_last(images)
         return self.y0_encoder(images), self.omega_encoder(images), self.alpha_encoder(images)
 
     def rollout(self, images: torch.Tensor) -> torch.Tensor:
@@ -85,6 +86,7 @@ class ConvLSTMNetwork(nn.Module):
 
     def rollout(self, images: torch.Tensor) -> torch.Tensor:
         """hy_1 .. hy_T, time-major (T, B, C, H, W)."""
+        images = channels_last(images)
         hy, hz, cell = self.hy0_encoder(images), self.hz0_encoder(images), self.c0_encoder(images)
         history = []
         for _ in range(self.steps):
@@ -122,7 +124,7 @@ class LocalCNN(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = images.shape
-        features = self.projection(self.stack(images))
+        features = self.projection(self.stack(channels_last(images)))
         rows = features.permute(0, 2, 3, 1).reshape(batch * height * width, -1)
         return self.head(rows, batch, height, width)
 
