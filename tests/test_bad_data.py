@@ -170,3 +170,19 @@ def test_undecodable_image_file(tmp_path):
     assert "of column 'image' could not be decoded (cannot identify image file" in message
     assert "square/1.png" in message
     assert message.endswith("replace or remove that file in the data set.")
+
+
+def test_raptor_channels_differ_from_teacher():
+    from lightning_modules.raptor.module import RaptorDistill
+
+    model = RaptorDistill(
+        teacher="vit_tiny_patch16_224",
+        image_size=16,
+        in_channels=1,
+        teacher_kwargs={"patch_size": 4, "depth": 2, "embed_dim": 16, "num_heads": 2},
+    )
+    with pytest.raises(ValueError) as caught:
+        model.build()
+    message = str(caught.value)
+    assert message.startswith("in_channels=1 (from the data) does not match the 3 input channels of teacher")
+    assert message.endswith("use data with 3 channels, or a teacher trained on this data.")

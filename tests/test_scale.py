@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,12 @@ SMOKE = CONFIGS / "presets" / "smoke.yaml"
 # near zero (Raptor's distillation loss at its LayerScale init is about 1e-7) are compared absolutely.
 BF16_RELATIVE_TOLERANCE = 0.05
 BF16_ABSOLUTE_TOLERANCE = 1e-5
+
+
+# Validation metrics that are one-sample Monte Carlo estimates: HyperSINDy's loss and reconstruction draw
+# z with torch.randn_like, and the single-process and DDP runs draw different z. On the untrained smoke
+# model the two values differed by a factor of 2.2, so these keys are only checked for being finite.
+STOCHASTIC_METRICS = {"hypersindy": ("val/loss", "val/recon")}
 
 
 def tiny_teacher_args(tmp_path: Path) -> list[str]:
@@ -149,8 +157,10 @@ def test_ddp_two_processes_match_single(task, tmp_path):
     assert "last.ckpt" in checkpoints
     assert not [name for name in checkpoints if "-v1" in name or name.endswith(".tmp")], checkpoints
     assert not list(run_dir.parent.glob("ddp?*")), "a second run folder was created by another rank"
+    # Figure names repeat across figures/dynamics/<source>/, so only versioned copies (-v1) count as duplicates.
     figures = [p for p in (run_dir / "figures").rglob("*") if p.is_file()]
-    assert len({p.name for p in figures}) == len(figures)
+    assert figures
+    assert not [p for p in figures if re.search(r"-v\d+\.\w+$", p.name)], figures
 
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     single = dynlab_subprocess(
@@ -172,4 +182,7 @@ def test_ddp_two_processes_match_single(task, tmp_path):
     # DistributedSampler pads the last batch with repeated samples, so allow a small difference.
     assert single_metrics.keys() == double_metrics.keys()
     for key, value in single_metrics.items():
+        if key in STOCHASTIC_METRICS.get(task, ()):
+            assert math.isfinite(double_metrics[key]), key
+            continue
         assert double_metrics[key] == pytest.approx(value, rel=0.05, abs=1e-3), key

@@ -68,7 +68,9 @@ class RaptorDistill(LightningModule):
     """Block-recurrent distillation of a ViT teacher.
 
     Args:
-        num_classes, image_size: set by the DataModule through the CLI links.
+        num_classes, image_size, in_channels: set by the DataModule through the CLI links. in_channels must
+            equal the teacher's input channels. It is an argument so that the linked value, which Lightning
+            stores in the checkpoint's hyperparameters, is accepted when `--ckpt_path` reloads them.
         teacher: a vit task run folder (default: its fixed location, trained first when empty), a .ckpt
             of the vit task, or a timm model name.
         teacher_pretrained: for a timm name, download the hub weights.
@@ -100,6 +102,7 @@ class RaptorDistill(LightningModule):
         self,
         num_classes: int = 10,
         image_size: int = 16,
+        in_channels: int = 3,
         teacher: str = DEFAULT_TEACHER_RUN,
         teacher_pretrained: bool = False,
         teacher_weights: str | None = None,
@@ -181,6 +184,13 @@ class RaptorDistill(LightningModule):
             train_args=hp.teacher_train_args,
         )
         self.teacher = teacher_model.to(self.phase_bounds.device)
+        teacher_channels = self.teacher.patch_embed.proj.in_channels
+        if hp.in_channels != teacher_channels:
+            raise ValueError(
+                f"in_channels={hp.in_channels} (from the data) does not match the {teacher_channels} input "
+                f"channels of teacher {self.teacher_source}: use data with {teacher_channels} channels, or a "
+                "teacher trained on this data."
+            )
         self.n_layers = backbone.depth(self.teacher)
         self.dim = self.teacher.embed_dim
         self.num_heads = self.teacher.blocks[0].attn.num_heads
