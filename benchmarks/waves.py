@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from benchmarks.common import BenchRow, copy_bandwidth_gbs, interleaved_medians
 from lightning_modules.waves import WaveSegmenter
 from lightning_modules.waves.cell import WaveRollout, circular_conv3x3
+from lightning_modules.waves.native import fused_kernels
 
 TASK = "waves"
 # Published code, full training step, 2-core AMD EPYC, torch 2.14.1, 2 threads, batch 64 (images/s).
@@ -142,8 +143,8 @@ def cell_traffic(quick: bool) -> list[BenchRow]:
     weight = laplacian_kernel(channels).requires_grad_()
     upstream = torch.randn(steps, batch, channels, size, size, generator=generator)
 
-    def rollout():
-        out = WaveRollout.apply(y0, omega, alpha, weight, steps, 0.1, 10)
+    def rollout(fused: bool):
+        out = WaveRollout.apply(y0, omega, alpha, weight, steps, 0.1, 10, fused)
         torch.autograd.backward(out, upstream)
 
     def naive():
@@ -151,8 +152,13 @@ def cell_traffic(quick: bool) -> list[BenchRow]:
         torch.autograd.backward(out, upstream)
 
     bandwidth = copy_bandwidth_gbs()
-    times = interleaved_medians({"fast": rollout, "naive": naive}, warmup=1, repeats=2 if quick else 3)
+    times = interleaved_medians(
+        {"fast": lambda: rollout(True), "torch_ops": lambda: rollout(False), "naive": naive},
+        warmup=1,
+        repeats=2 if quick else 3,
+    )
     achieved = ideal_rollout_bytes(batch, channels, size, steps) / times["fast"] / 1e9
+    fused_note = "fused C++ kernels" if fused_kernels() is not None else "fused kernels unavailable: torch ops"
     setting = f"B={batch}, C={channels}, {size}x{size}, T={steps}, forward + backward"
     return [
         BenchRow(TASK, "copy bandwidth", bandwidth, "GB/s", note="one large tensor copy, read + write"),
@@ -168,6 +174,13 @@ def cell_traffic(quick: bool) -> list[BenchRow]:
             TASK,
             "wave cell fwd+bwd speed-up over naive autograd cell",
             times["naive"] / times["fast"],
+            "x",
+            note=f"{fused_note}; {setting}",
+        ),
+        BenchRow(
+            TASK,
+            "torch-op cell (same algorithm, no C++) speed-up over naive autograd cell",
+            times["naive"] / times["torch_ops"],
             "x",
             note=setting,
         ),

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 from lightning_modules.waves.cell import WaveCell, WaveRollout, circular_conv3x3, laplacian_kernel
+from lightning_modules.waves.native import fused_kernels
 from lightning_modules.waves.layers import READOUTS
 from lightning_modules.waves.networks import WaveNetwork
 
@@ -68,20 +71,45 @@ def test_update_order_velocity_first():
     assert not torch.allclose(positions[0], y0 + dt * torch.zeros_like(y0))
 
 
+def test_fused_kernels_build_with_a_compiler():
+    if shutil.which("c++") is None or shutil.which("ninja") is None:
+        pytest.skip("no C++ compiler or ninja on this machine: the torch-op cell is used")
+    assert fused_kernels() is not None
+
+
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("chunk", [3, 30])
-def test_rollout_matches_reference_with_gradients(chunk):
+def test_rollout_matches_reference_with_gradients(chunk, fused):
     y0, omega, alpha = (t.requires_grad_() for t in random_fields(seed=1))
     weight = laplacian_kernel(2) + 0.2 * torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(2))
     weight.requires_grad_()
     steps, dt = 23, 0.1
     upstream = torch.randn(steps, 3, 2, 9, 9, generator=torch.Generator().manual_seed(3))
-    fast = WaveRollout.apply(y0, omega, alpha, weight, steps, dt, chunk)
+    fast = WaveRollout.apply(y0, omega, alpha, weight, steps, dt, chunk, fused)
     fast_grads = torch.autograd.grad((fast * upstream).sum(), (y0, omega, alpha, weight))
     ref = reference_rollout(y0, omega, alpha, weight, steps, dt)
     ref_grads = torch.autograd.grad((ref * upstream).sum(), (y0, omega, alpha, weight))
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     for fast_grad, ref_grad in zip(fast_grads, ref_grads, strict=True):
         torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_equals_torch_ops_on_odd_shapes():
+    """Three channels, a non-square grid and a last chunk shorter than the others."""
+    y0, omega, alpha = (t.requires_grad_() for t in random_fields(batch=2, channels=3, size=7, seed=7))
+    weight = laplacian_kernel(3) + 0.1 * torch.randn(3, 3, 3, 3, generator=torch.Generator().manual_seed(8))
+    weight.requires_grad_()
+    y0_wide, omega_wide, alpha_wide = (torch.cat([t, t.flip(-1)], -1) for t in (y0, omega, alpha))
+    steps, dt, chunk = 17, 0.1, 5
+    upstream = torch.randn(steps, 2, 3, 7, 14, generator=torch.Generator().manual_seed(9))
+    results = []
+    for fused in (True, False):
+        out = WaveRollout.apply(y0_wide, omega_wide, alpha_wide, weight, steps, dt, chunk, fused)
+        results.append((out, torch.autograd.grad((out * upstream).sum(), (y0, omega, alpha, weight))))
+    (fused_out, fused_grads), (torch_out, torch_grads) = results
+    torch.testing.assert_close(fused_out, torch_out, rtol=1e-5, atol=1e-5)
+    for fused_grad, torch_grad in zip(fused_grads, torch_grads, strict=True):
+        torch.testing.assert_close(fused_grad, torch_grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("readout", READOUTS)

@@ -13,8 +13,11 @@ straight into one preallocated time-major buffer (T, B, C, H, W) and keeps only 
 z. The backward runs the adjoint recurrence in reverse and recomputes the velocities of one chunk at a
 time from the stored positions. The memory kept for the backward is therefore the position history, which
 the readout needs anyway, plus T / chunk velocity snapshots, instead of the five or six state-sized
-tensors per step that autograd would keep. The weight gradient of the coupling is computed once per chunk
-with a single batched convolution.
+tensors per step that autograd would keep.
+
+On a CPU both passes run in the fused C++ kernels of `wave_kernels.cpp` (see `native.py`), one thread per
+image with its state in cache. Elsewhere, or where the kernels cannot be built, the same algorithm runs
+as torch ops, with the coupling's weight gradient computed once per chunk by a single batched product.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lightning_modules.waves.native import fused_kernels
 
 
 def circular_conv3x3(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -68,8 +73,15 @@ class WaveRollout(torch.autograd.Function):
     """T symplectic Euler steps of the wave cell; returns the positions y_1..y_T as (T, B, C, H, W)."""
 
     @staticmethod
-    def forward(ctx, y0, omega, alpha, weight, steps: int, dt: float, chunk: int):
+    def forward(ctx, y0, omega, alpha, weight, steps: int, dt: float, chunk: int, fused: bool = True):
         y0, omega, alpha, weight = (t.float().contiguous() for t in (y0, omega, alpha, weight))
+        kernels = fused_kernels() if fused and y0.device.type == "cpu" else None
+        ctx.kernels, ctx.steps, ctx.dt, ctx.chunk = kernels, steps, dt, chunk
+        if kernels is not None:
+            positions, snapshots = kernels.rollout_forward(y0, omega, alpha, weight, steps, dt, chunk)
+            ctx.save_for_backward(y0, omega, alpha, weight, positions, snapshots)
+            return positions
+
         positions = y0.new_empty((steps, *y0.shape))
         damping = 1.0 - dt * alpha  # z is scaled by (1 - dt * alpha) every step
         stiffness = dt * omega
@@ -84,14 +96,19 @@ class WaveRollout(torch.autograd.Function):
             torch.add(position, velocity, alpha=dt, out=positions[step])
             position = positions[step]
         ctx.save_for_backward(y0, omega, alpha, weight, positions, torch.stack(snapshots))
-        ctx.steps, ctx.dt, ctx.chunk = steps, dt, chunk
         return positions
 
     @staticmethod
     def backward(ctx, grad_positions):
         y0, omega, alpha, weight, positions, snapshots = ctx.saved_tensors
         steps, dt, chunk = ctx.steps, ctx.dt, ctx.chunk
-        grad_positions = grad_positions.float()
+        grad_positions = grad_positions.float().contiguous()
+        if ctx.kernels is not None:
+            grads = ctx.kernels.rollout_backward(
+                grad_positions, y0, omega, alpha, weight, positions, snapshots, dt, chunk
+            )
+            return (*grads, None, None, None, None)
+
         damping = 1.0 - dt * alpha
         stiffness = dt * omega
         transposed = weight.transpose(0, 1).flip(2, 3).contiguous()
@@ -137,7 +154,7 @@ class WaveRollout(torch.autograd.Function):
             grad_omega.sub_((chunk_positions * velocity_grads).sum(0), alpha=dt)
             grad_alpha.sub_((velocities * velocity_grads).sum(0), alpha=dt)
             grad_weight += circular_conv3x3_weight_grad(flat, slopes.flatten(0, 1))
-        return grad_y, grad_omega, grad_alpha, grad_weight, None, None, None
+        return grad_y, grad_omega, grad_alpha, grad_weight, None, None, None, None
 
 
 class WaveCell(nn.Module):
@@ -148,13 +165,15 @@ class WaveCell(nn.Module):
         steps: number of Euler steps T.
         dt: time step.
         chunk: steps per recomputation chunk in the backward pass (memory vs. recomputation).
+        fused: use the fused C++ kernels on a CPU where they can be built (set False to compare).
     """
 
-    def __init__(self, channels: int, steps: int, dt: float = 0.1, chunk: int = 10):
+    def __init__(self, channels: int, steps: int, dt: float = 0.1, chunk: int = 10, fused: bool = True):
         super().__init__()
         if steps < 1:
             raise ValueError(f"steps={steps} is invalid: the rollout needs at least one step.")
         self.channels, self.steps, self.dt, self.chunk = channels, steps, float(dt), max(1, int(chunk))
+        self.fused = fused
         self.coupling = nn.Parameter(laplacian_kernel(channels))
 
     def forward(self, y0: torch.Tensor, omega: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -168,6 +187,7 @@ class WaveCell(nn.Module):
                 self.steps,
                 self.dt,
                 self.chunk,
+                self.fused,
             )
 
     def step(self, y: torch.Tensor, z: torch.Tensor, omega: torch.Tensor, alpha: torch.Tensor):
