@@ -8,6 +8,7 @@ one process, so machine noise affects both sides alike.
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import platform
 import resource
@@ -75,8 +76,34 @@ def copy_bandwidth_gbs(n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    """Return the peak resident memory of this process so far, in MiB.
+
+    Linux's VmHWM starts afresh in each new program, whereas ru_maxrss of a spawned child starts from the
+    parent's peak, so a child would report at least its parent's figure.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # KiB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_and_measure(fn: Callable[..., object], args: tuple) -> float:
+    fn(*args)
+    return peak_rss_mib()
+
+
+def peak_rss_in_fresh_process(fn: Callable[..., object], *args: object) -> float:
+    """Run `fn(*args)` in a new Python process and return that process's peak resident MiB.
+
+    `fn` must be importable by name (a module-level function), as multiprocessing's spawn requires.
+    """
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(_run_and_measure, (fn, args))
 
 
 def hardware_line() -> str:

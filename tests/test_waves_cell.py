@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lightning_modules.waves.cell import WaveCell, WaveRollout, circular_conv3x3, laplacian_kernel
-from lightning_modules.waves.native import fused_kernels
 from lightning_modules.waves.layers import READOUTS
+from lightning_modules.waves.native import fused_kernels
 from lightning_modules.waves.networks import WaveNetwork
 
 

@@ -63,8 +63,9 @@ class WaveSegmenter(LightningModule):
         super().__init__()
         check_backbone(backbone)
         check_readout(readout)
-        head_widths = [int(w) for w in head_widths]
-        self.save_hyperparameters({**locals_to_hparams(locals()), "head_widths": head_widths})
+        head_widths = [int(w) for w in head_widths]  # saved as this plain list, not the tuple default
+        # No argument: Lightning then also records the CLI's class path, which `--ckpt_path` runs need.
+        self.save_hyperparameters()
         if backbone == "wave":
             self.net: nn.Module = WaveNetwork(
                 in_channels,
@@ -205,8 +206,3 @@ class WaveSegmenter(LightningModule):
             token_groups={"pixel": torch.arange(height * width)},
             rollout=rollout,
         )
-
-
-def locals_to_hparams(values: dict) -> dict:
-    """Plain-data hyperparameters from an __init__'s locals (drops self and the class cell)."""
-    return {k: v for k, v in values.items() if k not in ("self", "__class__")}
