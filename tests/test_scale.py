@@ -108,13 +108,20 @@ def test_compile_flag_keeps_checkpoint_keys(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_run_checkpoint_loads_uncompiled(run_cli, tmp_path):
-    run_dir = run_cli("fit", "vit", "--config", str(SMOKE), "--compile=true", "--run_name=compiled")
+@pytest.mark.parametrize("task", TASKS)
+def test_compiled_run_checkpoint_loads_both_ways(task, run_cli, tmp_path):
+    """A checkpoint of a compiled run validates without --compile and with it, to the same loss."""
+    flags = ("--config", str(SMOKE), *task_flags(task, tmp_path))
+    run_dir = run_cli("fit", task, *flags, "--compile=true", "--run_name=compiled")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert not any("_orig_mod" in key for key in state)
-    validated = run_cli("validate", "vit", "--config", str(SMOKE), f"--ckpt_path={ckpt}")
-    assert "val/loss" in json.loads((validated / "metrics.json").read_text())["validate"]
+
+    losses = []
+    for compiled in ("false", "true"):
+        validated = run_cli("validate", task, *flags, f"--ckpt_path={ckpt}", f"--compile={compiled}")
+        losses.append(json.loads((validated / "metrics.json").read_text())["validate"]["val/loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-6)
 
 
 def dynlab_subprocess(*args: str) -> subprocess.CompletedProcess:

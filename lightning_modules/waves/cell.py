@@ -176,6 +176,8 @@ class WaveCell(nn.Module):
         self.fused = fused
         self.coupling = nn.Parameter(laplacian_kernel(channels))
 
+    # torch.compile runs the rollout as it is: its fused kernels are opaque to the compiler.
+    @torch.compiler.disable
     def forward(self, y0: torch.Tensor, omega: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         device_type = y0.device.type
         with torch.autocast(device_type=device_type, enabled=False):
