@@ -20,7 +20,7 @@ from cli import skip_repeated_gpu_probe
 
 TASKS = ("waves", "hypersindy", "raptor")
 OUTPUT = Path("docs/BENCHMARKS.md")
-EXTRA_SECTIONS = (Path("docs/benchmarks_dynamics.md"),)
+EXTRA_SECTIONS = (Path("docs/benchmarks_speed.md"), Path("docs/benchmarks_dynamics.md"))
 
 
 def format_rows(rows: list[BenchRow]) -> str:
