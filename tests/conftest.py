@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,22 @@ def run_cli(tmp_path, monkeypatch):
         return result.run_dir
 
     return _run
+
+
+def killed_fit(configs: list[Path], args: list[str], kill_at_step: int) -> subprocess.CompletedProcess:
+    """Run `dynlab fit` in a subprocess that tests.toy.kill.KillAtStep ends with SIGKILL after a step."""
+    import cli
+
+    # The same thread count as this process, so both compute with the same kernels and reduction order.
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
+    env.pop(cli.RUN_NAME_ENV, None)
+    command = [sys.executable, "-m", "cli", "fit"]
+    for config in configs:
+        command += ["--config", str(config)]
+    command += [*args, "--trainer.callbacks+=tests.toy.kill.KillAtStep", f"--trainer.callbacks.step={kill_at_step}"]
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False, timeout=600)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cli
-from tests.conftest import CONFIGS, REPO_ROOT
+from tests.conftest import CONFIGS, REPO_ROOT, killed_fit
 
 TOY_TASK = """
 task: toy
@@ -268,36 +268,21 @@ def test_gpu_and_ddp_presets_parse(tmp_path):
 
 def test_sigkill_mid_epoch_resume_is_exact(toy, tmp_path):
     """A run killed by SIGKILL mid-epoch and resumed from last.ckpt ends with the uninterrupted weights."""
-    import os
     import signal
-    import subprocess
-    import sys
 
     run, runs_root = toy
     run("--trainer.max_epochs=3", "--run_name=straight", "--test_after_fit=false")
 
     # 96 samples / batch 8 = 12 steps per epoch: checkpoint every 4 steps, die at step 18 (mid epoch 1).
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "WANDB_MODE": "disabled"}
-    env.pop(cli.RUN_NAME_ENV, None)
-    command = [
-        sys.executable,
-        "-m",
-        "cli",
-        "fit",
-        "--config",
-        str(CONFIGS / "base.yaml"),
-        "--config",
-        str(tmp_path / "toy.yaml"),
+    args = [
         "--runs_root",
         str(runs_root),
         "--run_name=killed",
         "--trainer.max_epochs=3",
         "--test_after_fit=false",
         "--checkpoint_every_n_steps=4",
-        "--trainer.callbacks+=tests.toy.kill.KillAtStep",
-        "--trainer.callbacks.step=18",
     ]
-    killed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
+    killed = killed_fit([CONFIGS / "base.yaml", tmp_path / "toy.yaml"], args, kill_at_step=18)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     last = runs_root / "toy" / "killed" / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 16

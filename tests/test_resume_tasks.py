@@ -7,17 +7,14 @@ wrote last.ckpt, and the same run resumed with `--ckpt_path=last`. The final wei
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import cli
-from tests.conftest import CONFIGS, REPO_ROOT
+from tests.conftest import CONFIGS, killed_fit
 from tests.test_scale import SMOKE, tiny_teacher_args
 
 # The smoke preset limits an epoch to 4 batches, so three epochs run steps 1-12. last.ckpt is refreshed every
@@ -71,31 +68,9 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def killed_run(task: str, runs_root: Path, args: list[str]) -> subprocess.CompletedProcess:
     """Run fit in a subprocess that KillAtStep ends with SIGKILL after step KILL_AT_STEP."""
-    # The same thread count as this process, so both compute with the same kernels and reduction order.
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO_ROOT),
-        "WANDB_MODE": "disabled",
-        "OMP_NUM_THREADS": str(torch.get_num_threads()),
-    }
-    env.pop(cli.RUN_NAME_ENV, None)
-    command = [
-        sys.executable,
-        "-m",
-        "cli",
-        "fit",
-        "--config",
-        str(CONFIGS / "base.yaml"),
-        "--config",
-        str(CONFIGS / "tasks" / f"{task}.yaml"),
-        *args,
-        f"--runs_root={runs_root}",
-        "--run_name=killed",
-        f"--checkpoint_every_n_steps={CHECKPOINT_EVERY}",
-        "--trainer.callbacks+=tests.toy.kill.KillAtStep",
-        f"--trainer.callbacks.step={KILL_AT_STEP}",
-    ]
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False, timeout=600)
+    configs = [CONFIGS / "base.yaml", CONFIGS / "tasks" / f"{task}.yaml"]
+    extra = [*args, f"--runs_root={runs_root}", "--run_name=killed", f"--checkpoint_every_n_steps={CHECKPOINT_EVERY}"]
+    return killed_fit(configs, extra, KILL_AT_STEP)
 
 
 def check_kill_and_resume(task: str, run_cli, tmp_path: Path) -> None:
