@@ -8,13 +8,14 @@ one process, so machine noise affects both sides alike.
 from __future__ import annotations
 
 import gc
+import itertools
 import multiprocessing
 import os
 import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,33 @@ def interleaved_medians(
             fn()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def loader_rate(loader: Iterable, max_batches: int = 20) -> float:
+    """Return the samples per second that `loader` yields over up to `max_batches` batches, after one untimed batch.
+
+    The batch size is read from the first tensor of each batch, so the loader must yield tuples or lists
+    whose first element has the samples along dimension 0.
+    """
+    batches = iter(loader)
+    next(batches)
+    samples, start = 0, time.perf_counter()
+    for batch in itertools.islice(batches, max_batches):
+        samples += len(batch[0])
+    return samples / (time.perf_counter() - start)
+
+
+def loader_row(task: str, loader_samples_per_s: float, model_samples_per_s: float, unit: str, note: str) -> BenchRow:
+    """Return a row with the data loader's rate over the training step's; above 1 the loader keeps up."""
+    return BenchRow(
+        task,
+        "data loader / training consumption",
+        loader_samples_per_s / model_samples_per_s,
+        "x",
+        reference=f"{loader_samples_per_s:.4g} vs {model_samples_per_s:.4g} {unit}",
+        goal="> 1 (never the bottleneck)",
+        note=note,
+    )
 
 
 def copy_bandwidth_gbs(n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks.common import BenchRow
+from benchmarks.common import BenchRow, loader_rate, loader_row, peak_rss_in_fresh_process
 
 REFERENCE_EPOCH = "0.68-0.74 s/epoch (public package, 2-core EPYC, 2 threads)"
 
@@ -88,6 +88,12 @@ def lightning_epochs(model, data, n_epochs: int) -> list[float]:
     return timer.times
 
 
+def training_epoch() -> None:
+    """Train one epoch in a bare loop (called in a fresh process to measure its peak memory)."""
+    data, model = _build()
+    bare_epochs(model, data, 1)
+
+
 def trajectory_rate(model, n_samples: int, n_steps: int) -> float:
     """Sampled trajectory steps per second (samples x steps / s), fresh z per sample and step."""
     model.eval()
@@ -108,10 +114,17 @@ def run(quick: bool = False) -> list[BenchRow]:
         framework += lightning_epochs(model, data, n_epochs)[1:]
     bare_s = statistics.median(bare)
     framework_s = statistics.median(framework)
-    _, model = _build()
+    data, model = _build()
     rate_10 = trajectory_rate(model, 10, 500 if quick else 2000)
     rate_250 = trajectory_rate(model, 250, 200 if quick else 1000)
+    loader = loader_rate(data.train_dataloader(), max_batches=len(data.train_dataloader()) - 1)
+    samples_per_epoch = len(data.train_dataloader()) * data.batch_size
+    memory = peak_rss_in_fresh_process(training_epoch)
     return [
+        loader_row(
+            "hypersindy", loader, samples_per_epoch / framework_s, "samples/s", "in-memory tensors, index batches"
+        ),
+        BenchRow("hypersindy", "peak resident memory, one training epoch", memory, "MiB", note="fresh process"),
         BenchRow(
             "hypersindy",
             "epoch time, Lightning (Lorenz s=10, batch 250, 40 steps)",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import BenchRow, interleaved_medians, peak_rss_in_fresh_process
+from benchmarks.common import BenchRow, interleaved_medians, loader_rate, loader_row, peak_rss_in_fresh_process
 from lightning_modules.raptor.module import RaptorDistill
 
 CPU_SHAPE = {
@@ -100,6 +100,7 @@ def run(quick: bool = False) -> list[BenchRow]:
                 note=f"{times['distill'] * 1e3:.1f} ms per step, batch {shape['batch']}",
             )
         )
+    rows.append(digits_loader_row(shape["batch"] / times["distill"]))
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
         rows.append(
@@ -111,6 +112,16 @@ def run(quick: bool = False) -> list[BenchRow]:
             BenchRow("raptor", "peak resident memory, distillation steps", peak, "MiB", note="CPU, fresh process")
         )
     return rows
+
+
+def digits_loader_row(images_per_s: float) -> BenchRow:
+    """Return a row with the default digits loader's rate (16 x 16, batch 64) over the distillation step's."""
+    from datamodules.images import ImageClassificationDataModule
+
+    data = ImageClassificationDataModule(dataset="digits", image_size=16, batch_size=64)
+    data.setup("fit")
+    rate = loader_rate(data.train_dataloader(), max_batches=len(data.train_dataloader()) - 1)
+    return loader_row("raptor", rate, images_per_s, "img/s", "digits loader against stage-1 distillation steps")
 
 
 def distillation_steps() -> None:

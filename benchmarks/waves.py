@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from benchmarks.common import BenchRow, copy_bandwidth_gbs, interleaved_medians, peak_rss_in_fresh_process
+from benchmarks.common import (
+    BenchRow,
+    copy_bandwidth_gbs,
+    interleaved_medians,
+    loader_rate,
+    loader_row,
+    peak_rss_in_fresh_process,
+)
 from lightning_modules.waves import WaveSegmenter
 from lightning_modules.waves.cell import WaveRollout, circular_conv3x3
 from lightning_modules.waves.native import fused_kernels
@@ -105,7 +112,15 @@ def lightning_vs_bare(quick: bool) -> list[BenchRow]:
     images = batch * len(batches)
     lightning_rate, bare_rate = images / times["lightning"], images / times["bare"]
     setting = f"T=40, MLP 64^3, {size}x{size}, batch {batch}, {len(batches)} batches per fit"
+
+    from datamodules.tetrominoes import TetrominoesDataModule
+
+    data = TetrominoesDataModule(canvas_size=size, block_scale=3, batch_size=batch)  # the task's default data
+    data.prepare_data()
+    data.setup("fit")
+    loader = loader_rate(data.train_dataloader(), max_batches=10 if quick else 40)
     return [
+        loader_row(TASK, loader, lightning_rate, "img/s", "default Tetrominoes loader against the fit above"),
         BenchRow(TASK, "Lightning fit throughput", lightning_rate, "img/s", note=setting),
         BenchRow(TASK, "bare PyTorch loop throughput", bare_rate, "img/s", note=setting),
         BenchRow(
