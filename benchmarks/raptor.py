@@ -11,6 +11,7 @@ or DINOv2 ViT-B/14-reg at 224x224 on a GPU.
 from __future__ import annotations
 
 import torch
+from torch.utils.data import DataLoader
 
 from benchmarks.common import BenchRow, interleaved_medians, loader_rate, loader_row, peak_rss_in_fresh_process
 from lightning_modules.raptor.module import RaptorDistill
@@ -101,6 +102,8 @@ def run(quick: bool = False) -> list[BenchRow]:
             )
         )
     rows.append(digits_loader_row(shape["batch"] / times["distill"]))
+    if device.type == "cpu":
+        rows += lightning_vs_bare(quick)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
         rows.append(
@@ -112,6 +115,62 @@ def run(quick: bool = False) -> list[BenchRow]:
             BenchRow("raptor", "peak resident memory, distillation steps", peak, "MiB", note="CPU, fresh process")
         )
     return rows
+
+
+def lightning_vs_bare(quick: bool) -> list[BenchRow]:
+    """Return images/s of a Lightning fit of RaptorDistill and of a bare loop of the same steps, on fixed batches.
+
+    Both run half the steps in stage 1 and half in stage 2 with the module's own loss. The bare loop leaves
+    out the learning-rate schedulers and logging.
+    """
+    from lightning.pytorch import Trainer
+
+    n_batches = 4 if quick else 8
+    lightning_model, images, _ = build(CPU_SHAPE, torch.device("cpu"))
+    bare_model, _, _ = build(CPU_SHAPE, torch.device("cpu"))
+    batches = [(images, torch.zeros(len(images), dtype=torch.long))] * n_batches
+    hp = bare_model.hparams
+
+    def lightning_fit():
+        trainer = Trainer(
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            accelerator="cpu",
+            devices=1,
+        )
+        trainer.fit(lightning_model, train_dataloaders=DataLoader(batches, batch_size=None))
+
+    def bare_fit():
+        stage1_steps = int(round(hp.stage1_fraction * n_batches))
+        optimizers = [
+            torch.optim.AdamW(bare_model.blocks.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+            for _ in range(2)
+        ]
+        for step, (batch_images, _) in enumerate(batches):
+            states = bare_model.teacher_states(batch_images)
+            loss, stage, _ = bare_model.distillation_loss(states, step, stage1_steps)
+            optimizer = optimizers[stage - 1]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(bare_model.blocks.parameters(), hp.grad_clip)
+            optimizer.step()
+
+    times = interleaved_medians({"lightning": lightning_fit, "bare": bare_fit}, warmup=1, repeats=2 if quick else 3)
+    setting = f"{n_batches} batches of {len(images)}, half in each stage"
+    lightning_rate = n_batches * len(images) / times["lightning"]
+    bare_rate = n_batches * len(images) / times["bare"]
+    return [
+        BenchRow(
+            "raptor", "Lightning fit throughput", lightning_rate, "img/s", note=f"{setting}; Trainer start-up included"
+        ),
+        BenchRow("raptor", "bare PyTorch loop throughput", bare_rate, "img/s", note=setting),
+        BenchRow("raptor", "Lightning / bare throughput", lightning_rate / bare_rate, "ratio", goal=">= 0.95"),
+    ]
 
 
 def digits_loader_row(images_per_s: float) -> BenchRow:

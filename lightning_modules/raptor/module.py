@@ -373,25 +373,29 @@ class RaptorDistill(LightningModule):
         stage1 = int(round(self.hparams.stage1_fraction * total))
         return stage1, total - stage1
 
+    def distillation_loss(self, states: list[Tensor], step: int, stage1_steps: int) -> tuple[Tensor, int, float]:
+        """Return (loss, stage, lambda) of training step `step` given the teacher's states a_0 .. a_L."""
+        hp = self.hparams
+        if step >= stage1_steps:
+            return self.segment_loss(states, 0, self.n_layers, 0.0, hp.stage2_token_weights), 2, 0.0
+
+        lam = tf_weight(step, stage1_steps, hp.tf_fraction)
+        loss = states[0].new_zeros(())
+        start = 0
+        for j, end in enumerate(self.boundaries):
+            last = j == len(self.boundaries) - 1
+            weights = hp.stage1_last_token_weights if last else hp.stage1_token_weights
+            loss = loss + self.segment_loss(states, start, end, lam, weights)
+            start = end
+        return loss, 1, lam
+
     def training_step(self, batch, batch_idx):
         images, _ = batch
         hp = self.hparams
         states = self.teacher_states(images)
         stage1_steps, _ = self.stage_steps()
-        step = self.global_step
+        loss, stage, lam = self.distillation_loss(states, self.global_step, stage1_steps)
         optimizers, schedulers = self.optimizers(), self.lr_schedulers()
-        if step < stage1_steps:
-            stage, lam = 1, tf_weight(step, stage1_steps, hp.tf_fraction)
-            loss = states[0].new_zeros(())
-            start = 0
-            for j, end in enumerate(self.boundaries):
-                last = j == len(self.boundaries) - 1
-                weights = hp.stage1_last_token_weights if last else hp.stage1_token_weights
-                loss = loss + self.segment_loss(states, start, end, lam, weights)
-                start = end
-        else:
-            stage, lam = 2, 0.0
-            loss = self.segment_loss(states, 0, self.n_layers, 0.0, hp.stage2_token_weights)
         optimizer, scheduler = optimizers[stage - 1], schedulers[stage - 1]
         optimizer.zero_grad()
         self.manual_backward(loss)
