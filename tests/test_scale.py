@@ -166,7 +166,8 @@ def test_ddp_two_processes_match_single(task, tmp_path):
     assert not list(run_dir.parent.glob("ddp?*")), "a second run folder was created by another rank"
     # Figure names repeat across figures/dynamics/<source>/, so only versioned copies (-v1) count as duplicates.
     figures = [p for p in (run_dir / "figures").rglob("*") if p.is_file()]
-    assert figures
+    if task != "vit":  # the vit task attaches no figure-writing callback
+        assert figures
     assert not [p for p in figures if re.search(r"-v\d+\.\w+$", p.name)], figures
 
     ckpt = run_dir / "checkpoints" / "last.ckpt"
