@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -64,6 +65,24 @@ def interleaved_medians(
             fn()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def bench_trainer(max_epochs: int = 1, **overrides: Any):
+    """Return a CPU Lightning Trainer that only trains: no logger, checkpoints, progress bar or validation."""
+    from lightning.pytorch import Trainer
+
+    settings: dict[str, Any] = {
+        "max_epochs": max_epochs,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    return Trainer(**{**settings, **overrides})
 
 
 def loader_rate(loader: Iterable, max_batches: int = 20) -> float:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks.common import BenchRow, loader_rate, loader_row, peak_rss_in_fresh_process
+from benchmarks.common import BenchRow, bench_trainer, loader_rate, loader_row, peak_rss_in_fresh_process
 
 REFERENCE_EPOCH = "0.68-0.74 s/epoch (public package, 2-core EPYC, 2 threads)"
 
@@ -57,7 +57,7 @@ def bare_epochs(model, data, n_epochs: int) -> list[float]:
 
 def lightning_epochs(model, data, n_epochs: int) -> list[float]:
     """Seconds per training epoch under a Lightning Trainer with the task's settings, minus validation."""
-    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch import Callback
 
     class EpochTimer(Callback):
         def __init__(self):
@@ -71,19 +71,7 @@ def lightning_epochs(model, data, n_epochs: int) -> list[float]:
             self.times.append(time.perf_counter() - self._start)
 
     timer = EpochTimer()
-    trainer = Trainer(
-        max_epochs=n_epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        gradient_clip_val=1.0,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[timer],
-        deterministic=True,
-    )
+    trainer = bench_trainer(n_epochs, gradient_clip_val=1.0, callbacks=[timer], deterministic=True)
     trainer.fit(model, datamodule=data)
     return timer.times
 

@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.common import BenchRow, interleaved_medians, loader_rate, loader_row, peak_rss_in_fresh_process
+from benchmarks.common import (
+    BenchRow,
+    bench_trainer,
+    interleaved_medians,
+    loader_rate,
+    loader_row,
+    peak_rss_in_fresh_process,
+)
 from lightning_modules.raptor.module import RaptorDistill
 
 CPU_SHAPE = {
@@ -123,7 +130,6 @@ def lightning_vs_bare(quick: bool) -> list[BenchRow]:
     Both run half the steps in stage 1 and half in stage 2 with the module's own loss. The bare loop leaves
     out the learning-rate schedulers and logging.
     """
-    from lightning.pytorch import Trainer
 
     n_batches = 4 if quick else 8
     lightning_model, images, _ = build(CPU_SHAPE, torch.device("cpu"))
@@ -132,17 +138,7 @@ def lightning_vs_bare(quick: bool) -> list[BenchRow]:
     hp = bare_model.hparams
 
     def lightning_fit():
-        trainer = Trainer(
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            accelerator="cpu",
-            devices=1,
-        )
+        trainer = bench_trainer()
         trainer.fit(lightning_model, train_dataloaders=DataLoader(batches, batch_size=None))
 
     def bare_fit():

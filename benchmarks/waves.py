@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common import (
     BenchRow,
+    bench_trainer,
     copy_bandwidth_gbs,
     interleaved_medians,
     loader_rate,
@@ -81,7 +82,6 @@ def bare_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches) -> N
 
 
 def lightning_vs_bare(quick: bool) -> list[BenchRow]:
-    from lightning.pytorch import Trainer
 
     batch, size = (32, 32) if quick else (64, 32)
     batches = make_batches(3 if quick else 6, batch, size)
@@ -91,17 +91,7 @@ def lightning_vs_bare(quick: bool) -> list[BenchRow]:
     optimizer = torch.optim.Adam(bare_model.parameters(), lr=1e-3)
 
     def lightning_epoch():
-        trainer = Trainer(
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            accelerator="cpu",
-            devices=1,
-        )
+        trainer = bench_trainer()
         trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))  # yields the fixed batches
 
     times = interleaved_medians(

@@ -68,6 +68,7 @@ class RNGStateCallback(Callback):
         # checkpoint was restored. A model that reads `trainer.estimated_stepping_batches` in
         # `configure_optimizers` makes it build the loader before that, and the positions would be dropped.
         # The call is a no-op when the positions were already applied or the run is not a resume.
+        # NOTE: a private Lightning method (2.6); tests/test_resume_tasks.py fails if a release changes it.
         trainer.fit_loop._load_combined_loader_states()
         if self._pending is None:
             return

@@ -139,8 +139,9 @@ def small_callback(**overrides) -> DynamicsAnalysis:
     return DynamicsAnalysis(**settings)
 
 
-def fit_toy(tmp_path: Path, callback: DynamicsAnalysis, lr: float = 1e-2, **trainer_args) -> Trainer:
-    trainer = Trainer(
+def toy_trainer(tmp_path: Path, callback: DynamicsAnalysis, **trainer_args) -> Trainer:
+    """Return a one-epoch Trainer of two training batches with only `callback` attached."""
+    settings = dict(
         default_root_dir=tmp_path,
         max_epochs=1,
         limit_train_batches=2,
@@ -150,8 +151,12 @@ def fit_toy(tmp_path: Path, callback: DynamicsAnalysis, lr: float = 1e-2, **trai
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[callback],
-        **trainer_args,
     )
+    return Trainer(**{**settings, **trainer_args})
+
+
+def fit_toy(tmp_path: Path, callback: DynamicsAnalysis, lr: float = 1e-2, **trainer_args) -> Trainer:
+    trainer = toy_trainer(tmp_path, callback, **trainer_args)
     torch.manual_seed(0)
     trainer.fit(ToyTokenModel(lr=lr), datamodule=ToyTokenData())
     return trainer
@@ -225,16 +230,7 @@ def test_sources_write_folders_and_comparison(tmp_path):
             return trajectory
 
     callback = small_callback(measures=("convergence", "speed", "rank"), sources=["teacher", "student"])
-    trainer = Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=1,
-        limit_train_batches=1,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[callback],
-    )
+    trainer = toy_trainer(tmp_path, callback, limit_train_batches=1)
     trainer.fit(TwoSourceModel(), datamodule=ToyTokenData())
     folder = tmp_path / "figures" / "dynamics"
     check_outputs(folder / "teacher", ("convergence", "speed", "rank"))
@@ -246,16 +242,7 @@ def test_model_without_trajectory_is_rejected(tmp_path):
     class Plain(ToyTokenModel):
         trajectory = None
 
-    trainer = Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=1,
-        limit_train_batches=1,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[small_callback()],
-    )
+    trainer = toy_trainer(tmp_path, small_callback(), limit_train_batches=1)
     with pytest.raises(TypeError, match="trajectory"):
         trainer.fit(Plain(), datamodule=ToyTokenData())
 

@@ -49,20 +49,23 @@ def task_flags(task: str, tmp_path: Path) -> list[str]:
     return tiny_teacher_args(tmp_path) if task == "raptor" else []
 
 
-def build_task(task: str, tmp_path: Path, *extra: str) -> cli.DynlabCLI:
-    """Instantiate a task's model and data with the smoke preset, without running anything."""
-    args = [
+def smoke_args(task: str, tmp_path: Path) -> list[str]:
+    """Return the CLI arguments of a task's smoke run with its runs under tmp_path/runs."""
+    return [
         "--config",
         str(CONFIGS / "base.yaml"),
         "--config",
         str(CONFIGS / "tasks" / f"{task}.yaml"),
         "--config",
         str(SMOKE),
-        "--runs_root",
-        str(tmp_path / "runs"),
+        f"--runs_root={tmp_path / 'runs'}",
         *task_flags(task, tmp_path),
-        *extra,
     ]
+
+
+def build_task(task: str, tmp_path: Path, *extra: str) -> cli.DynlabCLI:
+    """Instantiate a task's model and data with the smoke preset, without running anything."""
+    args = [*smoke_args(task, tmp_path), *extra]
     os.environ.pop(cli.RUN_NAME_ENV, None)
     return cli.DynlabCLI(args=args, run=False)
 
@@ -143,17 +146,7 @@ def dynlab_subprocess(*args: str) -> subprocess.CompletedProcess:
 def test_ddp_two_processes_match_single(task, tmp_path):
     """DDP with 2 CPU processes (gloo): one set of files, and synced validation metrics equal 1 process."""
     runs_root = tmp_path / "runs"
-    common = [
-        "--config",
-        str(CONFIGS / "base.yaml"),
-        "--config",
-        str(CONFIGS / "tasks" / f"{task}.yaml"),
-        "--config",
-        str(SMOKE),
-        f"--runs_root={runs_root}",
-        "--trainer.accelerator=cpu",
-        *task_flags(task, tmp_path),
-    ]
+    common = [*smoke_args(task, tmp_path), "--trainer.accelerator=cpu"]
 
     ddp_fit = dynlab_subprocess(
         "fit", *common, "--run_name=ddp", "--trainer.strategy=ddp", "--trainer.devices=2"

@@ -40,7 +40,9 @@ def fused_kernels() -> ModuleType | None:
         return None
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
-        log.warning("fused wave cell not used: it needs AVX2, this CPU reports %s", capability)
+        log.warning(
+            "fused wave cell not used: it needs AVX2 but this CPU reports %s, so the torch-op cell runs", capability
+        )
         return None
     if shutil.which("ninja") is None:
         add_pip_ninja_to_path()

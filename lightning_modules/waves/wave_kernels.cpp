@@ -25,6 +25,7 @@ extern "C" __m256 _ZGVdN8v_tanhf(__m256);
 
 namespace {
 
+// Replace x[0] .. x[n - 1] by their tanh, eight at a time where possible.
 void tanh_in_place(float* x, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -35,6 +36,7 @@ void tanh_in_place(float* x, int64_t n) {
   }
 }
 
+// Channels, height and width of one image's state.
 struct Shape {
   int64_t channels, height, width;
   int64_t plane() const { return height * width; }
@@ -59,7 +61,8 @@ void wrapped_rows(const float* in, int64_t h, const Shape& s, float* rows) {
   }
 }
 
-// out[co] (+)= sum over ci, dy, dx of k[co, ci, dy, dx] * in[ci, h + dy - 1, w + dx - 1], indices mod H, W.
+// Compute out[co] (+)= sum over ci, dy, dx of k[co, ci, dy, dx] * in[ci, h + dy - 1, w + dx - 1], with
+// indices mod H and W. With `accumulate` the sum is added to `out`, otherwise it replaces it.
 void circular_stencil(const float* in, const float* k, float* out, const Shape& s, bool accumulate, float* rows) {
   const int64_t width = s.width;
   for (int64_t h = 0; h < s.height; ++h) {
@@ -84,7 +87,8 @@ void circular_stencil(const float* in, const float* k, float* out, const Shape& 
   }
 }
 
-// grad_k[co, ci, dy, dx] += sum over h, w of g[co, h, w] * y[ci, h + dy - 1, w + dx - 1] (indices mod H, W).
+// Add to grad_k[co, ci, dy, dx] the sum over h, w of g[co, h, w] * y[ci, h + dy - 1, w + dx - 1] (indices
+// mod H and W): the coupling's weight gradient from one step of one image.
 void coupling_weight_grad(const float* y, const float* g, double* grad_k, const Shape& s, float* rows) {
   const int64_t width = s.width;
   for (int64_t h = 0; h < s.height; ++h) {
@@ -108,7 +112,7 @@ void coupling_weight_grad(const float* y, const float* g, double* grad_k, const 
   }
 }
 
-// The adjoint of the stencil with respect to its input is the stencil with W^T, flipped in space.
+// Return the kernel of the stencil's adjoint with respect to its input: W^T, flipped in space.
 std::vector<float> transposed_flipped(const float* k, int64_t channels) {
   std::vector<float> out(channels * channels * 9);
   for (int64_t co = 0; co < channels; ++co) {
